@@ -1,0 +1,1 @@
+"""Prefect flows: each module sequences tasks from ``tasks/`` and nothing else."""

@@ -1,0 +1,99 @@
+"""The ``finetune-flows`` command line.
+
+    finetune-flows plugins
+    finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
+
+With nothing configured, Prefect and MLflow keep their state under ``.finetune-flows/``
+(see ``tasks.settings``). ``plugins`` reads entry points only and never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("flows.cli")
+
+
+def _prepare_environment() -> None:
+    """Embedded defaults for Prefect, set before Prefect is imported; explicit settings win."""
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,plugins,flows")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_LOGGED_MODEL_TRACE", "false")
+
+
+def cmd_plugins(_: argparse.Namespace) -> int:
+    from plugins import HEADS, SCENARIOS
+
+    for registry in (HEADS, SCENARIOS):
+        sys.stdout.write(f"{registry.kind}s ({registry.group}):\n")
+        for name, plugin in registry.available().items():
+            sys.stdout.write(f"  {name:<26} {plugin.description}\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.config import FinetuneConfig, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    if args.data:
+        overrides["data.train_path"] = args.data[0]
+        if len(args.data) > 1:
+            overrides["data.eval_path"] = args.data[1]
+    config = FinetuneConfig.for_scenario(args.scenario, overrides)
+    _prepare_environment()
+    from flows.finetune import finetune
+
+    summary = finetune(config)
+    out = sys.stdout
+    out.write("\n=== finetune-flows: run complete ===\n")
+    out.write(f"registered model : {summary.model_name}\n")
+    out.write(f"version          : {summary.version}\n")
+    out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
+    out.write(f"promotion        : {summary.decision}\n")
+    for key, value in summary.metrics.items():
+        out.write(f"eval {key:<12}: {value:.4f}\n")
+    out.write(f"ONNX             : {summary.onnx_path}\n")
+    out.write(f"training time    : {summary.train_seconds:.0f} s\n")
+    out.write(
+        f"cache            : ingest {'reused' if summary.reused_ingest else 'built'}, "
+        f"tokens {'reused' if summary.reused_tokens else 'built'}\n"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-flows", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("plugins", help="list heads and scenarios").set_defaults(func=cmd_plugins)
+    run = commands.add_parser("run", help="fine-tune, evaluate, export and register a model")
+    run.add_argument("scenario", help="scenario name (see `finetune-flows plugins`)")
+    run.add_argument("--data", nargs="+", metavar="FILE", help="training file, optionally followed by an eval file")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. training.epochs=2")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from plugins import FinetuneFlowsError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except FinetuneFlowsError as exc:
+        sys.stderr.write(f"finetune-flows: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Built-in task heads (registered through this project's own entry points)."""

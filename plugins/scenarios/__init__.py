@@ -1,0 +1,1 @@
+"""Built-in scenarios (registered through this project's own entry points)."""

@@ -1,0 +1,111 @@
+"""The protocols a plugin satisfies: ``TaskHead`` (what the network predicts) and ``Scenario``
+(a domain: its data layouts, label names, metric and defaults).
+
+A plugin is a class registered under an entry point; the registry instantiates it without
+arguments and checks it against these protocols (attributes, methods and ``api_version``).
+Plugins must not import torch at module import time: listing plugins imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+
+class LabelKind(StrEnum):
+    """How a head reads the label column."""
+
+    CATEGORICAL = "categorical"
+    NUMERIC = "numeric"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """A file layout a scenario knows: which column holds the text and which the label."""
+
+    name: str
+    text_column: str
+    label_column: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ScenarioDefaults:
+    """Hyperparameters a scenario recommends; the flow's config starts from these."""
+
+    model: str = "minilm"
+    max_length: int = 128
+    learning_rate: float = 5e-5
+    epochs: float = 1.0
+    batch_size: int = 32
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class SampleData:
+    """Files bundled with a scenario so that its demo runs on a fresh clone."""
+
+    train: Path
+    eval: Path | None = None
+    attribution: str = ""
+
+
+@runtime_checkable
+class TaskHead(Protocol):
+    """What the fine-tuned network predicts, and how it is built and read out."""
+
+    api_version: ClassVar[int]
+    name: ClassVar[str]
+    description: ClassVar[str]
+    label_kind: ClassVar[LabelKind]
+
+    def build_model(self, source: str, id2label: dict[int, str]) -> Any:
+        """Load the pretrained encoder at ``source`` (a local folder) with this head on top."""
+        ...
+
+    def predict(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Turn raw outputs of shape (batch, n_outputs) into (predicted ids, probabilities)."""
+        ...
+
+
+@runtime_checkable
+class Scenario(Protocol):
+    """A domain: what data looks like, what labels mean, which metric decides, which defaults."""
+
+    api_version: ClassVar[int]
+    name: ClassVar[str]
+    description: ClassVar[str]
+    head: ClassVar[str]
+    layouts: ClassVar[tuple[DataLayout, ...]]
+    label_names: ClassVar[dict[str, str]]
+    primary_metric: ClassVar[str]
+    defaults: ClassVar[ScenarioDefaults]
+
+    def sample(self) -> SampleData | None:
+        """The bundled demo data, or None when the scenario ships none."""
+        ...
+
+    def read_file(self, path: Path) -> pd.DataFrame | None:
+        """Read a file in a scenario-specific format, or return None to use the generic readers."""
+        ...
+
+
+class ScenarioBase:
+    """Convenience base with the optional parts of ``Scenario`` filled in."""
+
+    layouts: ClassVar[tuple[DataLayout, ...]] = (DataLayout("generic", "text", "label"),)
+    label_names: ClassVar[dict[str, str]] = {}
+    defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults()
+
+    def sample(self) -> SampleData | None:
+        return None
+
+    def read_file(self, path: Path) -> pd.DataFrame | None:
+        return None

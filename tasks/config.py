@@ -1,0 +1,208 @@
+"""The typed parameter model of the ``finetune`` flow; Prefect renders it as the run form.
+
+One frozen model with shallow sub-models (data, model, training, evaluation, registration,
+export); every field is described and bounded, plugin names are checked against the registry.
+``FinetuneConfig.for_scenario`` starts from a scenario's defaults and applies ``key=value``
+overrides such as ``training.epochs=2``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from plugins import HEADS, SCENARIOS, ConfigError
+
+MINILM = "minilm"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Precision(StrEnum):
+    """Numeric precision of the training step."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+class DataConfig(_Frozen):
+    """Which files to train and evaluate on, and how to read them."""
+
+    train_path: str | None = Field(
+        default=None, description="Training file (CSV, TSV, JSONL, Parquet; .gz too). Empty: the bundled sample."
+    )
+    eval_path: str | None = Field(
+        default=None, description="Evaluation file. Empty: a stratified, seeded split of the training file."
+    )
+    text_column: str | None = Field(
+        default=None, description="Text column. Empty: the first of the scenario's known layouts that fits."
+    )
+    label_column: str | None = Field(default=None, description="Label column. Empty: as the layout says.")
+    eval_fraction: float = Field(
+        default=0.1, gt=0.0, lt=0.5, description="Share of training rows held out when no eval file is given."
+    )
+    max_train_rows: int | None = Field(
+        default=None, ge=10, le=10_000_000, description="Use only this many training rows (seeded sample)."
+    )
+
+
+class ModelConfig(_Frozen):
+    """Where the pretrained encoder comes from."""
+
+    source: str = Field(
+        default=MINILM,
+        min_length=1,
+        max_length=500,
+        description=(
+            "'minilm' (the offline all-MiniLM-L6-v2), a local folder, a hub id such as "
+            "'org/name', or a registered model 'models:/<name>@<alias>' to warm-start from."
+        ),
+    )
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text (longer are truncated).")
+
+
+class TrainingConfig(_Frozen):
+    """The optimisation: HF Trainer with dynamic padding, length grouping and AdamW."""
+
+    epochs: float = Field(default=1.0, gt=0.0, le=100.0, description="Passes over the training data.")
+    max_steps: int = Field(default=-1, ge=-1, le=10_000_000, description="Stop after this many steps; -1: no cap.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Training examples per step.")
+    learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(default=0.06, ge=0.0, lt=1.0, description="Share of steps of linear warmup.")
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    eval_every_steps: int = Field(
+        default=200, ge=1, le=1_000_000, description="Evaluate (and checkpoint) every N steps."
+    )
+    early_stopping_patience: int = Field(
+        default=3, ge=1, le=100, description="Stop after N evaluations without improvement of the metric."
+    )
+    precision: Precision = Field(
+        default=Precision.AUTO, description="auto: bf16 autocast where the hardware runs it fast, else fp32."
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")
+
+
+class EvaluationConfig(_Frozen):
+    """How the final model is measured."""
+
+    calibration_bins: int = Field(default=15, ge=2, le=100, description="Bins of the expected calibration error.")
+    batch_size: int = Field(default=128, ge=1, le=4096, description="Texts per evaluation batch.")
+
+
+class RegistrationConfig(_Frozen):
+    """Where the model goes in MLflow and when it becomes champion."""
+
+    model_name: str | None = Field(
+        default=None, max_length=200, description="Registered model name. Empty: the scenario's name."
+    )
+    experiment: str | None = Field(
+        default=None, max_length=200, description="MLflow experiment. Empty: 'finetune-<scenario>'."
+    )
+    promotion_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="The challenger becomes champion when its metric beats the champion's by more than this.",
+    )
+
+
+class ExportConfig(_Frozen):
+    """ONNX export and its parity gate."""
+
+    parity_samples: int = Field(default=256, ge=256, le=100_000, description="Eval texts in the parity check.")
+    tolerance: float = Field(default=1e-4, gt=0.0, le=1e-2, description="Largest allowed |logit difference|.")
+    opset: int = Field(default=18, ge=14, le=23, description="ONNX opset version.")
+
+
+class FinetuneConfig(_Frozen):
+    """Fine-tune a text model for a scenario, evaluate it, export it to ONNX and register it."""
+
+    scenario: str = Field(default="sentiment", description="Scenario plugin (see `finetune-flows plugins`).")
+    head: str | None = Field(default=None, description="Head plugin. Empty: the scenario's head.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("scenario")
+    @classmethod
+    def _known_scenario(cls, value: str) -> str:
+        if value not in SCENARIOS.names():
+            raise ValueError(f"unknown scenario {value!r}; registered scenarios: {SCENARIOS.names()}")
+        return value
+
+    @field_validator("head")
+    @classmethod
+    def _known_head(cls, value: str | None) -> str | None:
+        if value is not None and value not in HEADS.names():
+            raise ValueError(f"unknown head {value!r}; registered heads: {HEADS.names()}")
+        return value
+
+    @property
+    def head_name(self) -> str:
+        return self.head or SCENARIOS.get(self.scenario).head
+
+    @property
+    def model_name(self) -> str:
+        return self.registration.model_name or self.scenario
+
+    @property
+    def experiment_name(self) -> str:
+        return self.registration.experiment or f"finetune-{self.scenario}"
+
+    @classmethod
+    def for_scenario(cls, scenario: str, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+        """The scenario's defaults, then ``overrides`` (dotted keys, e.g. ``training.epochs``)."""
+        if scenario not in SCENARIOS.names():
+            raise ConfigError(f"unknown scenario {scenario!r}; registered scenarios: {SCENARIOS.names()}")
+        d = SCENARIOS.get(scenario).defaults
+        values: dict[str, Any] = {
+            "scenario": scenario,
+            "model": {"source": d.model, "max_length": d.max_length},
+            "training": {
+                "epochs": d.epochs,
+                "batch_size": d.batch_size,
+                "learning_rate": d.learning_rate,
+                "warmup_ratio": d.warmup_ratio,
+                "weight_decay": d.weight_decay,
+            },
+        }
+        for key, value in (overrides or {}).items():
+            _set_dotted(values, key, value)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["training.epochs=2", "data.eval_path=x.tsv"]`` -> a dict; values stay strings (pydantic converts)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        overrides[key.strip()] = None if value.strip().lower() in {"", "none", "null"} else value.strip()
+    return overrides

@@ -1,0 +1,170 @@
+"""Stage 5, export: torch.onnx export with dynamic batch and sequence axes, and a parity gate.
+
+The gate runs real eval texts through both the PyTorch checkpoint and the exported graph, at
+several batch shapes, through the very scorer that serving uses (``tokenizers`` +
+onnxruntime). It passes only if max |logit difference| <= tolerance and every predicted label
+agrees; otherwise it raises ``ParityError`` and nothing downstream is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from pydantic import BaseModel, ConfigDict
+
+from plugins import ParityError
+from tasks.config import FinetuneConfig
+from tasks.ingestion import IngestResult
+from tasks.tokenization import TokenizeResult
+from tasks.tracking import RunInfo
+
+logger = logging.getLogger(__name__)
+
+# Batch sizes of the parity check: a single text, an odd size, and full batches.
+PARITY_BATCH_SIZES = (1, 7, 32, 64)
+
+
+class ExportResult(BaseModel):
+    """The checked ONNX file and the evidence of the parity gate."""
+
+    model_config = ConfigDict(frozen=True)
+
+    onnx_path: str
+    parity_texts: int
+    parity_shapes: list[list[int]]
+    max_abs_diff: float
+    labels_agree: bool
+
+
+def export_onnx(model_dir: Path, onnx_path: Path, max_length: int, tokenizer_hash: str, opset: int = 18) -> Path:
+    """Export the checkpoint at ``model_dir`` to one ONNX file with its labels in the metadata."""
+    import onnx
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), use_safetensors=True, attn_implementation="eager"
+    ).eval()
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.model(**dict(zip(names, inputs, strict=True))).logits
+
+    example = tokenizer(["an example", "a longer example sentence for tracing"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    wrapper = LogitsOnly().eval()
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapper,
+        tuple(example[n] for n in names),
+        str(onnx_path),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_shapes=tuple({0: batch, 1: seq} for _ in names),
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    graph = onnx.load(str(onnx_path))
+    meta = {
+        "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
+        "max_length": str(max_length),
+        "tokenizer_hash": tokenizer_hash,
+        "producer": "finetune-flows",
+    }
+    del graph.metadata_props[:]
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(onnx_path))
+    logger.info("export: wrote %s (%.1f MB)", onnx_path, onnx_path.stat().st_size / 1e6)
+    return onnx_path
+
+
+def check_parity(
+    onnx_path: Path, model_dir: Path, texts: list[str], tolerance: float = 1e-4, min_texts: int = 256
+) -> ExportResult:
+    """Compare ONNX (serving path) with PyTorch on ``texts`` at several batch shapes."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.serving import OnnxTextClassifier
+
+    if len(texts) < min_texts:
+        raise ParityError(f"parity needs at least {min_texts} eval texts, got {len(texts)}")
+    scorer = OnnxTextClassifier(onnx_path, model_dir / "tokenizer.json")
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    worst, agree, shapes, start = 0.0, True, [], 0
+    with torch.inference_mode():
+        while start < len(texts):
+            size = PARITY_BATCH_SIZES[len(shapes) % len(PARITY_BATCH_SIZES)]
+            chunk = texts[start : start + size]
+            start += size
+            batch = scorer.encode(chunk)
+            shapes.append(list(batch["input_ids"].shape))
+            onnx_logits = scorer.session.run(["logits"], batch)[0]
+            torch_logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+            worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+            agree = agree and bool((onnx_logits.argmax(-1) == torch_logits.argmax(-1)).all())
+    result = ExportResult(
+        onnx_path=str(onnx_path),
+        parity_texts=len(texts),
+        parity_shapes=sorted({tuple(s) for s in shapes}),  # type: ignore[arg-type]
+        max_abs_diff=worst,
+        labels_agree=agree,
+    )
+    if worst > tolerance or not agree:
+        raise ParityError(
+            f"ONNX parity failed for {onnx_path}: max |logit difference| {worst:.3g} (allowed {tolerance:g}), "
+            f"predicted labels {'agree' if agree else 'DIFFER'} on {len(texts)} texts; nothing was published"
+        )
+    logger.info("export: parity ok on %d texts, %d shapes, max |diff| %.2g", len(texts), len(shapes), worst)
+    return result
+
+
+def parity_texts(dataset_dir: Path, count: int) -> list[str]:
+    """``count`` real texts for the parity gate: eval texts first, topped up from train if eval is small."""
+    import pandas as pd
+
+    texts = pd.read_parquet(dataset_dir / "eval.parquet")["text"].tolist()
+    if len(texts) < count:
+        texts += pd.read_parquet(dataset_dir / "train.parquet")["text"].tolist()[: count - len(texts)]
+    return texts[:count]
+
+
+@task(name="export-onnx")
+def export_model(
+    model_dir: str, data: IngestResult, tokens: TokenizeResult, config: FinetuneConfig, run: RunInfo
+) -> ExportResult:
+    """Export to ONNX and pass the parity gate, or fail so that nothing is published."""
+    import mlflow
+
+    onnx_path = export_onnx(
+        Path(model_dir),
+        Path(run.run_dir) / "onnx" / "model.onnx",
+        config.model.max_length,
+        tokens.tokenizer_hash,
+        config.export.opset,
+    )
+    texts = parity_texts(Path(data.dataset_dir), config.export.parity_samples)
+    mlflow.set_tracking_uri(run.tracking_uri)
+    try:
+        result = check_parity(onnx_path, Path(model_dir), texts, config.export.tolerance)
+    except ParityError:
+        with mlflow.start_run(run_id=run.run_id):
+            mlflow.set_tag("onnx_parity", "failed")
+        raise
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.log_metric("onnx_max_abs_logit_diff", result.max_abs_diff)
+        mlflow.set_tag("onnx_parity", "passed")
+    return result

@@ -1,0 +1,99 @@
+"""Scoring raw text with an exported ONNX classifier, without torch.
+
+``OnnxTextClassifier`` needs only ``tokenizers``, ``onnxruntime`` and numpy, so monitoring and
+serving processes stay light. ``TextClassifierPyfunc`` wraps it as the MLflow pyfunc that a
+registered model version loads: text in, label and class probabilities out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+try:  # MLflow is a core dependency, but the scorer itself must not need it.
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover
+    PythonModel = object  # type: ignore[misc,assignment]
+
+ONNX_ARTIFACT = "onnx_model"
+TOKENIZER_ARTIFACT = "tokenizer_json"
+
+
+class OnnxTextClassifier:
+    """Tokenize with the model's own ``tokenizer.json`` and run the ONNX graph on onnxruntime."""
+
+    def __init__(self, onnx_path: str | Path, tokenizer_path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.labels: list[str] = [label for _, label in sorted(json.loads(meta["id2label"]).items(), key=lambda kv: int(kv[0]))]
+        self.max_length = int(meta["max_length"])
+        self.tokenizer_hash = meta.get("tokenizer_hash", "")
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_padding()
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids for ``texts``, padded to the longest in the batch."""
+        encodings = self.tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        batch = {name: np.zeros((len(texts), width), dtype=np.int64) for name in self.input_names}
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            batch["input_ids"][row, :n] = enc.ids
+            batch["attention_mask"][row, :n] = enc.attention_mask
+            if "token_type_ids" in batch:
+                batch["token_type_ids"][row, :n] = enc.type_ids
+        return batch
+
+    def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Raw logits, computed in batches of similar length (results in input order)."""
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.session.run(["logits"], self.encode([texts[i] for i in idx]))[0]
+        return out
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> pd.DataFrame:
+        """One row per text: ``label``, ``score`` (its probability) and ``prob_<label>`` per class."""
+        logits = self.logits(texts, batch_size).astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs = exp / exp.sum(axis=-1, keepdims=True)
+        best = probs.argmax(axis=-1)
+        frame = pd.DataFrame({"label": [self.labels[i] for i in best], "score": probs.max(axis=-1)})
+        for i, label in enumerate(self.labels):
+            frame[f"prob_{label}"] = probs[:, i]
+        return frame
+
+
+def texts_from(model_input: Any) -> list[str]:
+    """Accept a list of strings, a Series, or a DataFrame with a ``text`` column (or one column)."""
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return model_input[column].astype(str).tolist()
+    if isinstance(model_input, pd.Series):
+        return model_input.astype(str).tolist()
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(t) for t in model_input]
+
+
+class TextClassifierPyfunc(PythonModel):  # type: ignore[misc]
+    """MLflow pyfunc: raw text in; label, score and class probabilities out (onnxruntime inside)."""
+
+    def load_context(self, context: Any) -> None:
+        self.scorer = OnnxTextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self.scorer.predict(texts_from(model_input))

@@ -1,0 +1,221 @@
+"""Stage 3, fine-tune: HF Trainer with dynamic padding, length grouping and fused AdamW.
+
+Early stopping on the scenario's metric, checkpoints in the run folder (never overwritten),
+bf16 autocast only where the hardware runs it fast, metrics streamed to the active MLflow run
+by Trainer's own MLflow callback, and extra callbacks (the Prefect progress artifact) passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, ConfigDict
+
+from plugins import HEADS, SCENARIOS
+from tasks.config import FinetuneConfig, Precision, TrainingConfig
+from tasks.evaluation import classification_metrics
+from tasks.ingestion import IngestResult
+from tasks.model_source import TOKENIZER_FILES
+from tasks.tokenization import TokenizeResult
+from tasks.tracking import RunInfo
+
+logger = logging.getLogger(__name__)
+
+
+class TrainResult(BaseModel):
+    """The trained checkpoint and what training measured."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: str
+    precision: str
+    steps: int
+    epochs: float
+    train_seconds: float
+    train_samples_per_second: float
+    best_metric: float | None
+    eval_metrics: dict[str, float]
+
+
+def bf16_is_fast() -> bool:
+    """True where bf16 autocast pays: a CUDA GPU with bf16, or a CPU with native bf16 (AVX512-BF16/AMX).
+
+    On CPUs without it (AVX2 only) bf16 matrix products are emulated and far slower than fp32.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_precision(requested: Precision) -> Precision:
+    if requested is Precision.AUTO:
+        return Precision.BF16 if bf16_is_fast() else Precision.FP32
+    return requested
+
+
+def train_model(
+    tokenized_dir: Path,
+    model_dir: Path,
+    head_name: str,
+    id2label: dict[int, str],
+    config: TrainingConfig,
+    run_dir: Path,
+    primary_metric: str,
+    callbacks: list[Any] | None = None,
+    report_to_mlflow: bool = False,
+) -> TrainResult:
+    """Fine-tune the encoder at ``model_dir``; the best checkpoint lands in ``run_dir/model``."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    set_seed(config.seed)
+    head = HEADS.get(head_name)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    model = head.build_model(str(model_dir), id2label)
+    train_set = load_from_disk(str(tokenized_dir / "train"))
+    eval_set = load_from_disk(str(tokenized_dir / "eval"))
+    precision = choose_precision(config.precision)
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        predicted, probs = head.predict(prediction.predictions)
+        metrics = classification_metrics(prediction.label_ids, predicted, probs, list(id2label.values()))
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=False)  # a run folder is never reused
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 64),
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        optim="adamw_torch_fused",
+        bf16=precision is Precision.BF16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length",
+        eval_strategy="steps",
+        eval_steps=config.eval_every_steps,
+        save_strategy="steps",
+        save_steps=config.eval_every_steps,
+        save_total_limit=2,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model=primary_metric,
+        greater_is_better=True,
+        logging_steps=max(1, min(50, config.eval_every_steps)),
+        report_to=["mlflow"] if report_to_mlflow else "none",
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *(callbacks or [])],
+    )
+    logger.info(
+        "training %s on %d examples (%s, batch %d, lr %g)",
+        head_name,
+        len(train_set),
+        precision.value,
+        config.batch_size,
+        config.learning_rate,
+    )
+    output = trainer.train()
+    final_metrics = trainer.evaluate()
+
+    final_dir = run_dir / "model"
+    trainer.save_model(str(final_dir))
+    for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, final_dir / name)
+    return TrainResult(
+        model_dir=str(final_dir),
+        precision=precision.value,
+        steps=output.global_step,
+        epochs=float(output.metrics.get("epoch", config.epochs)),
+        train_seconds=float(output.metrics["train_runtime"]),
+        train_samples_per_second=float(output.metrics["train_samples_per_second"]),
+        best_metric=trainer.state.best_metric,
+        eval_metrics={k: float(v) for k, v in final_metrics.items() if isinstance(v, int | float)},
+    )
+
+
+def prefect_progress_callback(key: str) -> Any:
+    """A Trainer callback that keeps a Prefect progress artifact at the share of steps done."""
+    from transformers import TrainerCallback
+
+    class PrefectProgress(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.artifact_id: Any = None
+            self.last = -1.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description="Fine-tuning progress")
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            done = round(100.0 * state.global_step / max(state.max_steps, 1), 1)
+            if self.artifact_id is not None and done - self.last >= 1.0:
+                update_progress_artifact(self.artifact_id, progress=done)
+                self.last = done
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.artifact_id is not None:
+                update_progress_artifact(self.artifact_id, progress=100.0)
+
+    return PrefectProgress()
+
+
+@task(name="fine-tune")
+def fine_tune(
+    tokens: TokenizeResult, data: IngestResult, model_dir: str, config: FinetuneConfig, run: RunInfo
+) -> TrainResult:
+    """Train on the tokenized data; metrics stream to the run's MLflow run as training goes."""
+    import mlflow
+    import torch
+
+    from tasks.settings import get_settings
+
+    if get_settings().torch_threads:
+        torch.set_num_threads(get_settings().torch_threads)
+    mlflow.set_tracking_uri(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        result = train_model(
+            Path(tokens.tokenized_dir),
+            Path(model_dir),
+            config.head_name,
+            data.id2label,
+            config.training,
+            Path(run.run_dir),
+            SCENARIOS.get(config.scenario).primary_metric,
+            callbacks=[prefect_progress_callback(f"{config.scenario}-training-progress")],
+            report_to_mlflow=True,
+        )
+        mlflow.log_metrics({"train_samples_per_second": result.train_samples_per_second,
+                            "train_seconds": result.train_seconds})
+        mlflow.set_tag("precision", result.precision)
+    return result
