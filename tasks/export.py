@@ -57,8 +57,11 @@ def export_onnx(model_dir: Path, onnx_path: Path, max_length: int, tokenizer_has
             super().__init__()
             self.model = model
 
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.model(**dict(zip(names, inputs, strict=True))).logits
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            return self.model(**{k: v for k, v in inputs.items() if v is not None}).logits
 
     example = tokenizer(["an example", "a longer example sentence for tracing"], padding=True, return_tensors="pt")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -66,11 +69,12 @@ def export_onnx(model_dir: Path, onnx_path: Path, max_length: int, tokenizer_has
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         wrapper,
-        tuple(example[n] for n in names),
+        (),
         str(onnx_path),
+        kwargs={n: example[n] for n in names},
         input_names=names,
         output_names=["logits"],
-        dynamic_shapes=tuple({0: batch, 1: seq} for _ in names),
+        dynamic_shapes={n: {0: batch, 1: seq} for n in names},
         opset_version=opset,
         dynamo=True,
         external_data=False,

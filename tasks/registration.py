@@ -27,7 +27,7 @@ from tasks.ingestion import IngestResult
 from tasks.tokenization import TokenizeResult
 from tasks.tracking import RunInfo
 from tasks.model_source import HF_SUBDIR
-from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT, TextClassifierPyfunc
+from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,12 @@ def register_model(
     champion_version, champion_value, note = champion_metric_on(model_name, eval_dataset, labels, primary_metric)
     promote, decision = decide(challenger_metric, champion_value, margin, note)
 
-    example = pd.DataFrame({"text": ["a gorgeous, witty film"]})
+    example = ["a gorgeous, witty film"]
     out_example = pd.DataFrame({"label": [labels[0]], "score": [1.0], **{f"prob_{x}": [0.5] for x in labels}})
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=TextClassifierPyfunc(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={
                 ONNX_ARTIFACT: str(onnx_path),
                 TOKENIZER_ARTIFACT: str(model_dir / "tokenizer.json"),

@@ -95,5 +95,5 @@ class TextClassifierPyfunc(PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         self.scorer = OnnxTextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.scorer.predict(texts_from(model_input))
