@@ -61,7 +61,11 @@ class Registry(Generic[T]):
         plugin_name = cast(str, getattr(plugin, "name"))  # noqa: B009
         if plugin_name in self._entry_points() or plugin_name in self._manual:
             existing = self._entry_points().get(plugin_name)
-            where = existing.value if existing else type(self._loaded.get(plugin_name)).__qualname__
+            if existing is not None:
+                where = existing.value
+            else:
+                first = type(self._loaded[plugin_name])
+                where = f"{first.__module__}.{first.__qualname__}"
             raise PluginError(
                 f"{self.kind} name {plugin_name!r} is already registered by {where}; "
                 f"cannot register {type(plugin).__module__}.{type(plugin).__qualname__} too"
@@ -83,8 +87,7 @@ class Registry(Generic[T]):
         eps = self._entry_points()
         if name not in eps:
             raise PluginError(
-                f"unknown {self.kind} {name!r}. Currently registered {self.kind} names are: "
-                f"{self.names()}"
+                f"unknown {self.kind} {name!r}. Currently registered {self.kind} names are: {self.names()}"
             )
         ep = eps[name]
         try:

@@ -125,10 +125,14 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
             for number, line in enumerate(text.splitlines(), start=1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        record = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise DataError(f"invalid JSON: {exc.msg}", file=path, line=number, value=line) from exc
-            return pd.DataFrame(rows).astype(str)
+                    if not isinstance(record, dict):
+                        raise DataError("not a JSON object", file=path, line=number, value=line)
+                    rows.append(record)
+            # object dtype keeps 1 as "1" (not "1.0") when a key is missing; null/missing -> "".
+            return pd.DataFrame(rows, dtype=object).fillna("").astype(str)
     except pd.errors.ParserError as exc:
         raise DataError(f"cannot parse: {exc}", file=path) from exc
     except pd.errors.EmptyDataError as exc:
@@ -244,10 +248,12 @@ def ingest_files(
     if eval_file is None:
         train_pos, eval_pos = stratified_split(train["label"], options.eval_fraction, options.seed)
         train, evaluation = train.iloc[train_pos], train.iloc[eval_pos]
+        label_col_eval = label_col
     else:
         eval_frame = read_table(eval_file, scenario)
         eval_text, eval_label = resolve_columns(eval_frame, eval_file, scenario, options)
         evaluation = clean_rows(eval_frame, eval_file, eval_text, eval_label, scenario)
+        label_col_eval = eval_label
 
     if options.max_train_rows is not None and len(train) > options.max_train_rows:
         train = train.sample(n=options.max_train_rows, random_state=options.seed).sort_index()
@@ -267,7 +273,7 @@ def ingest_files(
             f"label in the eval data that the training data lacks (training labels: {classes})",
             file=eval_file or train_file,
             row=int(first["row"]),
-            column=label_col,
+            column=label_col_eval,
             value=first["label"],
         )
 

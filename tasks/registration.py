@@ -68,12 +68,12 @@ def champion_metric_on(
     predicted = champion.predict(pd.DataFrame({"text": frame["text"]}))
     champion_labels = [c.removeprefix("prob_") for c in predicted.columns if c.startswith("prob_")]
     if champion_labels != labels:
-        return version.version, None, f"champion labels {champion_labels} differ from {labels}; not comparable"
+        return str(version.version), None, f"champion labels {champion_labels} differ from {labels}; not comparable"
     index = {label: i for i, label in enumerate(labels)}
     pred_ids = predicted["label"].map(index).to_numpy()
     probs = predicted[[f"prob_{label}" for label in labels]].to_numpy()
     metrics = classification_metrics(frame["label_id"].to_numpy(), pred_ids, probs, labels)
-    return version.version, float(metrics[primary_metric]), "scored on the same eval set"
+    return str(version.version), float(metrics[primary_metric]), "scored on the same eval set"
 
 
 def decide(challenger: float, champion: float | None, margin: float, note: str) -> tuple[bool, str]:
@@ -134,35 +134,37 @@ def register_model(
         "promotion.margin": f"{margin:g}",
         "promotion.decision": decision,
     }
+    moved_champion = False
     try:
         for key, value in evidence.items():
             client.set_model_version_tag(model_name, version, key, str(value))
         client.set_registered_model_alias(model_name, CHALLENGER, version)
         if promote:
             client.set_registered_model_alias(model_name, CHAMPION, version)
+            moved_champion = True
+        result = RegisterResult(
+            model_name=model_name,
+            version=version,
+            aliases=sorted(client.get_model_version(model_name, version).aliases),
+            promoted=promote,
+            decision=decision,
+            challenger_metric=challenger_metric,
+            champion_version=champion_version,
+            champion_metric=champion_value,
+            run_id=run_id,
+            model_uri=f"models:/{model_name}/{version}",
+        )
     except Exception as exc:
+        # Deleting the version drops its aliases too; the champion alias never left the old version
+        # unless this very step moved it, in which case it is put back.
         client.delete_model_version(model_name, version)
-        if champion_version is not None and promote:
+        if champion_version is not None and moved_champion:
             client.set_registered_model_alias(model_name, CHAMPION, champion_version)
         raise PromotionError(f"registering {model_name} v{version} failed and was rolled back: {exc}") from exc
-    aliases = sorted(client.get_model_version(model_name, version).aliases)
-    logger.info("register: %s version %s, aliases %s; %s", model_name, version, aliases, decision)
-    return RegisterResult(
-        model_name=model_name,
-        version=version,
-        aliases=aliases,
-        promoted=promote,
-        decision=decision,
-        challenger_metric=challenger_metric,
-        champion_version=champion_version,
-        champion_metric=champion_value,
-        run_id=run_id,
-        model_uri=f"models:/{model_name}/{version}",
-    )
+    logger.info("register: %s version %s, aliases %s; %s", model_name, version, result.aliases, decision)
+    return result
 
 
-
-@task(name="register")
 def register_version(
     model_dir: str,
     data: IngestResult,

