@@ -1,7 +1,7 @@
 """Fine-tune step benchmark: our Trainer setup against the usual HF Trainer setups, on this machine.
 
-One run measures, on the same SST-2 rows, the same all-MiniLM-L6-v2 classifier, the same batch size
-and (except bf16) the same number of optimizer steps:
+One run measures, on the same seeded sample of SST-2 rows, the same all-MiniLM-L6-v2 classifier, the
+same batch size and (except bf16) the same number of optimizer steps:
 
   ours            tasks.training.train_model itself (dynamic padding, group_by_length, adamw_torch_fused,
                   precision auto -> fp32 on CPUs without native bf16)
@@ -13,7 +13,15 @@ plus tokenization (tasks.tokenization.tokenize_dataset, first run vs cached run)
 
 Every training configuration runs in its own freshly spawned process, so its peak RSS is its own.
 Throughput is timed from Trainer's on_train_begin to the end of the last optimizer step (a callback),
-so the evaluation/checkpoint that train_model does at the end is not counted.
+so the evaluation/checkpoint that train_model does at the end is not counted. Tokens are counted
+from the batches the model is actually fed (a forward pre-hook).
+
+Defaults: 6400 rows and 50 steps. HF's group_by_length sorts mega-batches of
+min(rows // (4 x batch), 50) batches, longest first; 6400 = 4 x 50 x 32 is the smallest sample
+at which it uses the full 50-batch mega-batches a real (large) fine-tune gets, and 50 steps is
+exactly one mega-batch, an unbiased draw of lengths. bf16 runs --bf16-steps steps only; they are
+the same first batches as ours' (same sampler seed), and its row is scaled from ours' full-run
+figures by the bf16/fp32 step-time ratio on those identical batches.
 
     .venv/bin/python bench/finetune_bench.py                       # full run (~5-8 min on 2 cores)
     .venv/bin/python bench/finetune_bench.py --steps 8 --rows 2000 --bf16-steps 2   # smoke run
@@ -77,6 +85,8 @@ def _make_meter(max_steps: int) -> Any:
             self.t_last = 0.0
             self.t_end: float | None = None
             self.step_seconds: list[float] = []
+            self.step_real_tokens: list[int] = []
+            self.step_padded_tokens: list[int] = []
             self.rss_at_train_end_mb: float | None = None
             self.handle: Any = None
 
@@ -87,10 +97,13 @@ def _make_meter(max_steps: int) -> Any:
             mask = kwargs.get("attention_mask")
             if ids is None:
                 return
+            real = int(mask.sum()) if mask is not None else int(ids.numel())
             self.batches += 1
             self.samples += int(ids.shape[0])
             self.padded_tokens += int(ids.numel())
-            self.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+            self.real_tokens += real
+            self.step_real_tokens.append(real)  # one forward per step (no gradient accumulation)
+            self.step_padded_tokens.append(int(ids.numel()))
             self.max_seq_len = max(self.max_seq_len, int(ids.shape[-1]))
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
@@ -161,7 +174,7 @@ def _baseline_trainer(spec: dict[str, Any], meter: Any) -> tuple[Any, str]:
         collator = DataCollatorWithPadding(tokenizer)
         precision = "fp32"
     elif name == "bf16-gbl-fused":
-        train_set = load_from_disk(spec["bf16_train_dir"])
+        train_set = load_from_disk(spec["train_dir"])
         args = TrainingArguments(
             **common, train_sampling_strategy="group_by_length", optim="adamw_torch_fused", bf16=True
         )
@@ -257,6 +270,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
             "samples_per_s_after_first_step": (meter.samples - per_batch) / steady_s if steady_s else None,
             "first_step_seconds": first,
             "step_seconds": meter.step_seconds,
+            "step_real_tokens": meter.step_real_tokens,
+            "step_padded_tokens": meter.step_padded_tokens,
             "peak_rss_mb_at_train_end": meter.rss_at_train_end_mb,
             "peak_rss_mb_process": _peak_rss_mb(),
             "process_wall_seconds": time.perf_counter() - t_start,
@@ -333,7 +348,6 @@ def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[
     """Ingest the seeded SST-2 sample, time tokenization (first vs cached), build the per-config datasets."""
     # imported up front so the first tokenize run times tokenizing, not module imports
     import datasets  # noqa: F401
-    import numpy as np
     import transformers  # noqa: F401
     from datasets import Dataset, disable_progress_bars, load_from_disk
     from transformers import AutoTokenizer
@@ -375,22 +389,13 @@ def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[
         "ingest_seconds": ingest_s,
     }
 
-    # Every config trains on exactly one epoch of the same rows: a seeded subset of steps x batch rows
-    # (all rows when there are fewer; then Trainer loops over them). Training on a prefix of a larger
-    # set would bias group_by_length, whose first batches are the longest of their mega-batch.
-    order = np.random.default_rng(SEED).permutation(len(train))
-    used = np.sort(order[: args.steps * args.batch_size])
-    used_bf16 = np.sort(order[: min(args.bf16_steps, args.steps) * args.batch_size])
-
-    # ours (train_model) reads <dir>/train and <dir>/eval; the eval split is cut small (its evaluation
-    # at the end of the run is not timed, only made shorter)
+    # ours (train_model) reads <dir>/train and <dir>/eval: the real tokenized train split, and a small
+    # eval split (train_model evaluates once training is done; that is not timed, only made shorter)
     ours_dir = work / "ours_tokenized"
-    train.select(used).save_to_disk(str(ours_dir / "train"))
+    train.save_to_disk(str(ours_dir / "train"))
     evaluation.shuffle(seed=SEED).select(range(min(EVAL_ROWS_FOR_OURS, len(evaluation)))).save_to_disk(
         str(ours_dir / "eval")
     )
-    bf16_dir = work / "bf16_train"
-    train.select(used_bf16).save_to_disk(str(bf16_dir))
 
     # pad128: the same rows tokenized the run_glue way (padding="max_length", max_length=128)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
@@ -403,14 +408,11 @@ def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[
 
     padded = source.map(encode, batched=True, batch_size=1000, remove_columns=source.column_names)
     padded_dir = work / "padded128_train"
-    padded.select(used).save_to_disk(str(padded_dir))
+    padded.save_to_disk(str(padded_dir))
     return {
         "ingest": ingest,
         "tokenization": tokenization,
-        "train_rows_used": len(used),
-        "bf16_train_rows_used": len(used_bf16),
         "train_dir": str(ours_dir / "train"),
-        "bf16_train_dir": str(bf16_dir),
         "ours_tokenized_dir": str(ours_dir),
         "padded_train_dir": str(padded_dir),
     }
@@ -493,10 +495,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rows",
         type=int,
         default=None,
-        help="SST-2 train rows to ingest and tokenize (seeded sample). Training always uses a seeded "
-        "subset of steps x batch size of them (one epoch). Default: steps x batch size.",
+        help="SST-2 train rows to sample (seeded) and train on. Default: max(4 x 50 x batch, steps x batch) "
+        "= 6400, the smallest sample at which group_by_length uses full 50-batch mega-batches.",
     )
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per config (default 60)")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per config (default 50)")
     parser.add_argument("--batch-size", type=int, default=32, help="per-step batch size (default 32)")
     parser.add_argument(
         "--bf16-steps",
@@ -525,7 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.batch_size < 1 or args.bf16_steps < 1:
         parser.error("--steps, --batch-size and --bf16-steps must be at least 1")
     if args.rows is None:
-        args.rows = max(args.steps * args.batch_size, 10)
+        args.rows = max(4 * 50 * args.batch_size, args.steps * args.batch_size)
     if args.rows < 10:
         parser.error("--rows must be at least 10")
     if not args.train_file.is_file():
@@ -560,7 +562,6 @@ def main(argv: list[str] | None = None) -> int:
                 "model_dir": str(model_dir),
                 "id2label": {str(k): v for k, v in ingest.id2label.items()},
                 "train_dir": data["train_dir"],
-                "bf16_train_dir": data["bf16_train_dir"],
                 "ours_tokenized_dir": data["ours_tokenized_dir"],
                 "padded_train_dir": data["padded_train_dir"],
                 "work_dir": str(work / f"run-{name}"),
@@ -590,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_file": str(args.train_file),
                 "train_rows": ingest.train_rows,
                 "rows_requested": args.rows,
-                "train_rows_used": data["train_rows_used"],
-                "bf16_train_rows_used": data["bf16_train_rows_used"],
+                "group_by_length_megabatch_batches": megabatch_batches(ingest.train_rows, args.batch_size),
                 "steps": args.steps,
                 "bf16_steps": min(args.bf16_steps, args.steps),
                 "batch_size": args.batch_size,

@@ -9,6 +9,7 @@ keyed by the inputs' content, so a second run with the same inputs reuses it.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
@@ -116,10 +117,10 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
         return frame.astype({c: "string" for c in frame.columns}).fillna("")
     text = _decode(path, raw)
     try:
-        if kind in {".csv", ".tsv", ".txt"}:
-            sep = "\t" if kind == ".tsv" else ","
-            quoting = 3 if kind == ".tsv" else 0  # TSV (GLUE style): quotes are ordinary characters
-            return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=quoting)
+        if kind == ".tsv":  # GLUE-style TSV: quotes are ordinary characters
+            return pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+        if kind in {".csv", ".txt"}:
+            return pd.read_csv(io.StringIO(text), sep=",", dtype=str, keep_default_na=False)
         if kind in {".jsonl", ".ndjson", ".json"}:
             rows = []
             for number, line in enumerate(text.splitlines(), start=1):
@@ -127,7 +128,9 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise DataError(f"invalid JSON: {exc.msg}", file=path, line=number, value=line) from exc
+                        raise DataError(
+                            f"invalid JSON: {exc.msg}", file=path, line=number, value=line
+                        ) from exc
                     if not isinstance(record, dict):
                         raise DataError("not a JSON object", file=path, line=number, value=line)
                     rows.append(record)
@@ -138,11 +141,15 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
     except pd.errors.EmptyDataError as exc:
         raise DataError("file is empty", file=path) from exc
     raise DataError(
-        f"unsupported file type {kind!r}", file=path, hint="Use .csv, .tsv, .jsonl or .parquet (optionally .gz)"
+        f"unsupported file type {kind!r}",
+        file=path,
+        hint="Use .csv, .tsv, .jsonl or .parquet (optionally .gz)",
     )
 
 
-def resolve_columns(frame: pd.DataFrame, path: Path, scenario: Scenario, options: IngestOptions) -> tuple[str, str]:
+def resolve_columns(
+    frame: pd.DataFrame, path: Path, scenario: Scenario, options: IngestOptions
+) -> tuple[str, str]:
     """The (text, label) columns: as configured, else the first scenario layout that fits."""
     found = list(frame.columns)
     if options.text_column or options.label_column:
@@ -153,7 +160,9 @@ def resolve_columns(frame: pd.DataFrame, path: Path, scenario: Scenario, options
                 return layout.text_column, layout.label_column
         wanted = [scenario.layouts[0].text_column, scenario.layouts[0].label_column]
         known = ", ".join(f"{lay.name}: ({lay.text_column}, {lay.label_column})" for lay in scenario.layouts)
-        missing = next(c for c in wanted if c not in found) if any(c not in found for c in wanted) else wanted[0]
+        missing = (
+            next(c for c in wanted if c not in found) if any(c not in found for c in wanted) else wanted[0]
+        )
         raise DataError(
             f"missing column {missing!r}; columns found: {found}; scenario {scenario.name!r} knows {known}",
             file=path,
@@ -189,7 +198,9 @@ def clean_rows(
             )
     if scenario.label_names:
         labels = labels.map(scenario.label_names)
-    return pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)})
+    return pd.DataFrame(
+        {"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)}
+    )
 
 
 # -- shaping -----------------------------------------------------------------------------------
@@ -201,7 +212,7 @@ def stratified_split(labels: pd.Series, fraction: float, seed: int) -> tuple[np.
     for label in sorted(labels.unique()):
         positions = np.flatnonzero(labels.to_numpy() == label)
         rng.shuffle(positions)
-        n_eval = int(round(len(positions) * fraction)) if len(positions) > 1 else 0
+        n_eval = round(len(positions) * fraction) if len(positions) > 1 else 0
         eval_idx.extend(positions[: max(n_eval, 1 if len(positions) > 1 else 0)])
         train_idx.extend(positions[max(n_eval, 1 if len(positions) > 1 else 0) :])
     return np.sort(np.array(train_idx, dtype=int)), np.sort(np.array(eval_idx, dtype=int))
@@ -233,7 +244,9 @@ def ingest_files(
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
     out = cache_dir / "ingest" / key
     if (out / "meta.json").is_file():
-        result = IngestResult.model_validate_json((out / "meta.json").read_text()).model_copy(update={"cached": True})
+        result = IngestResult.model_validate_json((out / "meta.json").read_text()).model_copy(
+            update={"cached": True}
+        )
         logger.info("ingest: reusing cached dataset %s (data hash %s)", out, result.data_hash[:12])
         return result
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict
 
@@ -24,10 +23,10 @@ from tasks.config import FinetuneConfig
 from tasks.evaluation import EvalResult, classification_metrics
 from tasks.export import ExportResult
 from tasks.ingestion import IngestResult
-from tasks.tokenization import TokenizeResult
-from tasks.tracking import RunInfo
 from tasks.model_source import HF_SUBDIR
 from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
+from tasks.tokenization import TokenizeResult
+from tasks.tracking import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,11 @@ def champion_metric_on(
     predicted = champion.predict(pd.DataFrame({"text": frame["text"]}))
     champion_labels = [c.removeprefix("prob_") for c in predicted.columns if c.startswith("prob_")]
     if champion_labels != labels:
-        return str(version.version), None, f"champion labels {champion_labels} differ from {labels}; not comparable"
+        return (
+            str(version.version),
+            None,
+            f"champion labels {champion_labels} differ from {labels}; not comparable",
+        )
     index = {label: i for i, label in enumerate(labels)}
     pred_ids = predicted["label"].map(index).to_numpy()
     probs = predicted[[f"prob_{label}" for label in labels]].to_numpy()
@@ -103,7 +106,9 @@ def register_model(
     import mlflow
     from mlflow.models import infer_signature
 
-    champion_version, champion_value, note = champion_metric_on(model_name, eval_dataset, labels, primary_metric)
+    champion_version, champion_value, note = champion_metric_on(
+        model_name, eval_dataset, labels, primary_metric
+    )
     promote, decision = decide(challenger_metric, champion_value, margin, note)
 
     example = ["a gorgeous, witty film"]
@@ -160,7 +165,9 @@ def register_model(
         client.delete_model_version(model_name, version)
         if champion_version is not None and moved_champion:
             client.set_registered_model_alias(model_name, CHAMPION, champion_version)
-        raise PromotionError(f"registering {model_name} v{version} failed and was rolled back: {exc}") from exc
+        raise PromotionError(
+            f"registering {model_name} v{version} failed and was rolled back: {exc}"
+        ) from exc
     logger.info("register: %s version %s, aliases %s; %s", model_name, version, result.aliases, decision)
     return result
 

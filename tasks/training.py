@@ -135,7 +135,10 @@ def train_model(
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), *(callbacks or [])],
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+            *(callbacks or []),
+        ],
     )
     logger.info(
         "training %s on %d examples (%s, batch %d, lr %g)",
@@ -150,7 +153,9 @@ def train_model(
 
     final_dir = run_dir / "model"
     trainer.save_model(str(final_dir))
-    for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
+    for (
+        name
+    ) in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, final_dir / name)
     return TrainResult(
@@ -169,13 +174,15 @@ def prefect_progress_callback(key: str) -> Any:
     """A Trainer callback that keeps a Prefect progress artifact at the share of steps done."""
     from transformers import TrainerCallback
 
-    class PrefectProgress(TrainerCallback):  # type: ignore[misc]
+    class PrefectProgress(TrainerCallback):
         def __init__(self) -> None:
             self.artifact_id: Any = None
             self.last = -1.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description="Fine-tuning progress")
+            self.artifact_id = create_progress_artifact(
+                progress=0.0, key=key, description="Fine-tuning progress"
+            )
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             done = round(100.0 * state.global_step / max(state.max_steps, 1), 1)
@@ -215,7 +222,11 @@ def fine_tune(
             callbacks=[prefect_progress_callback(f"{config.scenario}-training-progress")],
             report_to_mlflow=True,
         )
-        mlflow.log_metrics({"train_samples_per_second": result.train_samples_per_second,
-                            "train_seconds": result.train_seconds})
+        mlflow.log_metrics(
+            {
+                "train_samples_per_second": result.train_samples_per_second,
+                "train_seconds": result.train_seconds,
+            }
+        )
         mlflow.set_tag("precision", result.precision)
     return result

@@ -14,16 +14,32 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 POSITIVE = [
-    "a gorgeous , witty film", "one of the best movies of the year", "warm , funny and moving",
-    "a delightful surprise", "brilliant acting and a sharp script", "i loved every minute of it",
-    "a triumph of storytelling", "beautifully shot and deeply felt", "charming and clever",
-    "an absolute joy to watch", "smart , tender and hilarious", "a masterpiece of suspense",
+    "a gorgeous , witty film",
+    "one of the best movies of the year",
+    "warm , funny and moving",
+    "a delightful surprise",
+    "brilliant acting and a sharp script",
+    "i loved every minute of it",
+    "a triumph of storytelling",
+    "beautifully shot and deeply felt",
+    "charming and clever",
+    "an absolute joy to watch",
+    "smart , tender and hilarious",
+    "a masterpiece of suspense",
 ]
 NEGATIVE = [
-    "a dull , lifeless mess", "one of the worst movies of the year", "cold , boring and tedious",
-    "a tiresome disappointment", "wooden acting and a lazy script", "i hated every minute of it",
-    "a failure of storytelling", "ugly to look at and hollow", "clumsy and stupid",
-    "an absolute chore to sit through", "dumb , cruel and unfunny", "a mess without suspense",
+    "a dull , lifeless mess",
+    "one of the worst movies of the year",
+    "cold , boring and tedious",
+    "a tiresome disappointment",
+    "wooden acting and a lazy script",
+    "i hated every minute of it",
+    "a failure of storytelling",
+    "ugly to look at and hollow",
+    "clumsy and stupid",
+    "an absolute chore to sit through",
+    "dumb , cruel and unfunny",
+    "a mess without suspense",
 ]
 
 
@@ -61,8 +77,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FILES:

@@ -19,6 +19,9 @@ from tasks.ingestion import IngestOptions, ingest_files
 from tasks.model_source import TOKENIZER_FILES, tokenizer_hash
 from tasks.serving import OnnxTextClassifier
 
+# torch.onnx (dynamo) warns that the input axes sharing one constraint keep a single name.
+pytestmark = pytest.mark.filterwarnings("ignore:.*axis name.*:UserWarning")
+
 ID2LABEL = {0: "negative", 1: "positive"}
 MAX_LENGTH = 64
 

@@ -21,8 +21,20 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 def files(tmp_path: Path) -> tuple[Path, Path]:
     """288 train rows and 48 eval rows (disjoint texts): enough for the 256-text parity gate."""
     rows = [(t, "1") for t in POSITIVE] + [(t, "0") for t in NEGATIVE]
-    suffixes = ["indeed", "overall", "really", "truly", "honestly", "frankly",
-                "clearly", "simply", "surely", "plainly", "certainly", "obviously"]
+    suffixes = [
+        "indeed",
+        "overall",
+        "really",
+        "truly",
+        "honestly",
+        "frankly",
+        "clearly",
+        "simply",
+        "surely",
+        "plainly",
+        "certainly",
+        "obviously",
+    ]
     train = [(f"{t} {s}", lab) for s in suffixes for t, lab in rows]
     evaluation = [(f"{t} {s}", lab) for s in ("in the end", "all in all") for t, lab in rows]
     return write_tsv(tmp_path / "train.tsv", train), write_tsv(tmp_path / "dev.tsv", evaluation)
@@ -110,7 +122,7 @@ def test_failed_parity_publishes_nothing(state_dir, tiny_model_dir, files) -> No
 def test_alias_failure_rolls_back_the_new_version(state_dir, tiny_model_dir, files, monkeypatch) -> None:
     finetune(config_for(tiny_model_dir, files, max_steps=1))
 
-    def refuse(self, name, alias, version):  # noqa: ANN001
+    def refuse(self, name, alias, version):
         raise MlflowException("registry unavailable")
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", refuse)
