@@ -39,6 +39,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -74,7 +75,7 @@ def _make_meter(max_steps: int) -> Any:
     """A TrainerCallback that times the optimizer steps and counts the tokens the model is actually fed."""
     from transformers import TrainerCallback
 
-    class Meter(TrainerCallback):  # type: ignore[misc]
+    class Meter(TrainerCallback):
         def __init__(self) -> None:
             self.samples = 0
             self.real_tokens = 0
@@ -367,9 +368,7 @@ def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[
     runs = []
     for _ in range(2):
         t0 = time.perf_counter()
-        tok = tokenize_dataset(
-            Path(ingest.dataset_dir), model_dir, ingest.data_hash, MAX_LENGTH, HEAD, cache_dir
-        )
+        tok = tokenize_dataset(Path(ingest.dataset_dir), model_dir, ingest.data_hash, MAX_LENGTH, HEAD, cache_dir)
         runs.append((time.perf_counter() - t0, tok))
     (first_s, tok), (cached_s, tok2) = runs
     rows = tok.train_rows + tok.eval_rows
@@ -418,6 +417,46 @@ def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[
     }
 
 
+def megabatch_batches(rows: int, batch_size: int) -> int:
+    """Batches per mega-batch of HF's group_by_length sampler (trainer_pt_utils.get_length_grouped_indices)."""
+    return max(min(rows // (batch_size * 4), 50), 1)
+
+
+def scale_bf16(results: list[dict[str, Any]]) -> None:
+    """Put the short bf16 run on the full-run scale: identical batches, bf16 vs fp32 step time.
+
+    The bf16 run's first steps are exactly the first batches of ``ours`` (same data, same sampler seed;
+    checked), which group_by_length makes the longest of their mega-batch. Its own rates would therefore
+    be biased low; instead its rates are ours' full-run rates times the step-time ratio on those batches.
+    """
+    bf16 = next((r for r in results if r["name"] == "bf16-gbl-fused" and r["ok"]), None)
+    if bf16 is None:
+        return
+    bf16["raw"] = {k: bf16[k] for k in ("samples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "pad_fraction")}
+    for ref_name in ("ours", "dynamic-gbl"):  # ours differs from bf16-gbl-fused in precision only
+        ref = next((r for r in results if r["name"] == ref_name and r["ok"]), None)
+        if ref is None:
+            continue
+        k = min(len(bf16["step_seconds"]), len(ref["step_seconds"]))
+        skip = 1 if k >= 2 else 0  # leave out the first (warm-up) step where there is more than one
+        ref_s = sum(ref["step_seconds"][skip:k])
+        bf16_s = sum(bf16["step_seconds"][skip:k])
+        speed = ref_s / bf16_s if bf16_s > 0 else 0.0
+        bf16["normalized"] = {
+            "reference": ref_name,
+            "steps_compared": list(range(skip + 1, k + 1)),
+            "same_batches": ref["step_padded_tokens"][:k] == bf16["step_padded_tokens"][:k]
+            and ref["step_real_tokens"][:k] == bf16["step_real_tokens"][:k],
+            "reference_seconds": ref_s,
+            "bf16_seconds": bf16_s,
+            "speed_vs_reference": speed,
+        }
+        for key in ("samples_per_s", "real_tokens_per_s", "padded_tokens_per_s"):
+            bf16[key] = ref[key] * speed
+        bf16["pad_fraction"] = ref["pad_fraction"]
+        return
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -426,24 +465,24 @@ def print_table(report: dict[str, Any]) -> None:
     tok = report["tokenization"]
     info = report["machine"]
     params = report["params"]
+    configs = report["configs"]
     print()
-    threads = next((c["torch_threads"] for c in report["configs"] if c["ok"]), info["torch_threads_default"])
+    threads = next((c["torch_threads"] for c in configs if c["ok"]), info["torch_threads_default"])
     print(
         f"Fine-tune benchmark - {info['cpu_model']} ({info['cpu_capability']}, {info['cpu_count']} cores), "
         f"torch {info['torch']}, transformers {info['transformers']}, {threads} torch threads, "
         f"bf16_fast={info['bf16_fast']}, {info['date']}"
     )
     print(
-        f"data: {params['train_rows']} SST-2 train rows ingested (seed {SEED}), {params['train_rows_used']} "
-        f"trained on by every config; batch {params['batch_size']}, {params['steps']} optimizer steps; "
-        f"all-MiniLM-L6-v2 + 2-label head, max_length {MAX_LENGTH}"
+        f"data: {params['train_rows']} SST-2 train rows (seeded sample, seed {SEED}); batch {params['batch_size']}; "
+        f"{params['steps']} optimizer steps; all-MiniLM-L6-v2 + 2-label head; max_length {MAX_LENGTH}"
     )
     print()
     print(
         f"Tokenization (tokenize_dataset, {tok['rows']} rows = {tok['train_rows']} train"
-        f" + {tok['eval_rows']} eval):"
-        f" first {tok['first_seconds']:.2f} s ({tok['first_rows_per_s']:,.0f} rows/s),"
-        f" cached {tok['cached_seconds']:.3f} s ({tok['cached_rows_per_s']:,.0f} rows/s)"
+        f" + {tok['eval_rows']} eval): first run {tok['first_seconds']:.2f} s"
+        f" ({tok['first_rows_per_s']:,.0f} rows/s), cached run {tok['cached_seconds']:.3f} s"
+        f" ({tok['cached_rows_per_s']:,.0f} rows/s)"
     )
     print()
     header = (
@@ -452,20 +491,37 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print(header)
     print("-" * len(header))
-    base = next((c for c in report["configs"] if c["name"] == BASELINE and c["ok"]), None)
     notes = []
-    for c in report["configs"]:
+    for c in configs:
         if not c["ok"]:
             print(f"{c['name']:<16} FAILED: {c['error']} (log: {c['log']})")
             continue
-        ratio = c["samples_per_s"] / base["samples_per_s"] if base else None
+        ratio = c.get("samples_per_s_vs_pad128")
         mark = "*" if c["steps"] != params["steps"] else ""
         if mark:
-            notes.append(
-                f"* {c['name']} ran {c['steps']} steps (--bf16-steps), not {params['steps']}, on a "
-                f"seeded {params['bf16_train_rows_used']}-row subset of the same rows: its rates (per "
-                "second) compare directly with the other rows; its train s and wall s do not."
-            )
+            norm = c.get("normalized")
+            raw = c["raw"]
+            if norm:
+                steps = norm["steps_compared"]
+                same = "checked identical" if norm["same_batches"] else "NOT identical"
+                ref = norm["reference"]
+                notes.append(
+                    f"* {c['name']} ran {c['steps']} steps (--bf16-steps), not {params['steps']}: "
+                    f"the same first batches as {ref} ({same}). Its rates and pad % are {ref}'s "
+                    "full-run figures x the bf16/fp32 step-time ratio on steps "
+                    f"{steps[0]}-{steps[-1]} ({norm['bf16_seconds']:.1f} s vs "
+                    f"{norm['reference_seconds']:.1f} s = {norm['speed_vs_reference']:.3f}x). "
+                    f"Raw over its own {c['steps']} steps (the longest batches): "
+                    f"{raw['samples_per_s']:.2f} samples/s, {raw['real_tokens_per_s']:,.0f} real tok/s, "
+                    f"{raw['padded_tokens_per_s']:,.0f} padded tok/s. "
+                    "Its train s and wall s cover its own steps only."
+                )
+            else:
+                notes.append(
+                    f"* {c['name']} ran {c['steps']} steps (--bf16-steps), not {params['steps']}, and no fp32 "
+                    "group_by_length config ran to scale it by: these are raw rates over its first (longest) "
+                    "batches, biased low."
+                )
         print(
             f"{c['name']:<16}{c['precision']:>5}{c['optim']:>19}{str(c['steps']) + mark:>6}"
             f"{_fmt(c['samples_per_s'])!s:>11}{_fmt(c['real_tokens_per_s'], 0):>12}"
@@ -475,8 +531,21 @@ def print_table(report: dict[str, Any]) -> None:
             f"{(_fmt(ratio, 2) + 'x') if ratio else '-':>10}"
         )
     print()
+    mb = params["group_by_length_megabatch_batches"]
+    if params["steps"] % mb or mb < 50:
+        notes.append(
+            f"group_by_length sorts mega-batches of {mb} batches here"
+            + (" (a large dataset gets 50: padding here is higher than in a real run)" if mb < 50 else "")
+            + (
+                f"; {params['steps']} steps is not a whole number of mega-batches, so the group_by_length "
+                "configs end on the longest batches of a mega-batch, which lowers their samples/s"
+                if params["steps"] % mb
+                else ""
+            )
+            + "."
+        )
     for note in notes:
-        print(note)
+        print(textwrap.fill(note, width=110, subsequent_indent="  "))
     for line in (
         "samples/s, tok/s, train s: on_train_begin -> end of the last optimizer step (data loading included;",
         "  ours' end-of-run eval + checkpoint excluded).",
@@ -580,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             shutil.rmtree(work / f"run-{name}", ignore_errors=True)  # checkpoints are ~90 MB each
 
+        scale_bf16(results)
         base = next((r for r in results if r["name"] == BASELINE and r["ok"]), None)
         for r in results:
             if r["ok"]:

@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("plugins", help="list heads and scenarios").set_defaults(func=cmd_plugins)
     run = commands.add_parser("run", help="fine-tune, evaluate, export and register a model")
     run.add_argument("scenario", help="scenario name (see `finetune-flows plugins`)")
-    run.add_argument(
-        "--data", nargs="+", metavar="FILE", help="training file, optionally followed by an eval file"
-    )
+    run.add_argument("--data", nargs="+", metavar="FILE", help="training file, optionally followed by an eval file")
     run.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. training.epochs=2"
     )

@@ -39,16 +39,23 @@ class Registry(Generic[T]):
         self._manual: dict[str, Callable[[], T]] = {}
 
     # -- discovery -------------------------------------------------------------------------
-    def _entry_points(self) -> dict[str, EntryPoint]:
-        found: dict[str, EntryPoint] = {}
+    def _entry_points(self) -> dict[str, list[EntryPoint]]:
+        found: dict[str, list[EntryPoint]] = {}
         for ep in entry_points(group=self.group):
-            if ep.name in found and found[ep.name].value != ep.value:
-                raise PluginError(
-                    f"{self.kind} name {ep.name!r} is registered twice: by {found[ep.name].value} "
-                    f"and by {ep.value}; uninstall one of them"
-                )
-            found[ep.name] = ep
+            same = found.setdefault(ep.name, [])
+            if all(other.value != ep.value for other in same):
+                same.append(ep)
         return found
+
+    def _entry_point(self, name: str) -> EntryPoint | None:
+        """The one entry point called ``name``; two different targets under one name are an error."""
+        candidates = self._entry_points().get(name, [])
+        if len(candidates) > 1:
+            raise PluginError(
+                f"{self.kind} name {name!r} is registered twice: by {candidates[0].value} "
+                f"and by {candidates[1].value}; uninstall one of them"
+            )
+        return candidates[0] if candidates else None
 
     def names(self) -> list[str]:
         """Registered names, sorted; imports nothing."""
@@ -61,8 +68,8 @@ class Registry(Generic[T]):
         plugin_name = cast(str, getattr(plugin, "name"))  # noqa: B009
         if plugin_name in self._entry_points() or plugin_name in self._manual:
             existing = self._entry_points().get(plugin_name)
-            if existing is not None:
-                where = existing.value
+            if existing:
+                where = " and ".join(ep.value for ep in existing)
             else:
                 first = type(self._loaded[plugin_name])
                 where = f"{first.__module__}.{first.__qualname__}"
@@ -84,12 +91,11 @@ class Registry(Generic[T]):
         """The plugin called ``name``; raises ``PluginError`` naming what exists on a miss."""
         if name in self._loaded:
             return self._loaded[name]
-        eps = self._entry_points()
-        if name not in eps:
+        ep = self._entry_point(name)
+        if ep is None:
             raise PluginError(
                 f"unknown {self.kind} {name!r}. Currently registered {self.kind} names are: {self.names()}"
             )
-        ep = eps[name]
         try:
             factory = ep.load()
             plugin = factory()

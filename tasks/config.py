@@ -64,18 +64,14 @@ class ModelConfig(_Frozen):
             "'org/name', or a registered model 'models:/<name>@<alias>' to warm-start from."
         ),
     )
-    max_length: int = Field(
-        default=128, ge=8, le=512, description="Tokens kept per text (longer are truncated)."
-    )
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text (longer are truncated).")
 
 
 class TrainingConfig(_Frozen):
     """The optimisation: HF Trainer with dynamic padding, length grouping and AdamW."""
 
     epochs: float = Field(default=1.0, gt=0.0, le=100.0, description="Passes over the training data.")
-    max_steps: int = Field(
-        default=-1, ge=-1, le=10_000_000, description="Stop after this many steps; -1: no cap."
-    )
+    max_steps: int = Field(default=-1, ge=-1, le=10_000_000, description="Stop after this many steps; -1: no cap.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Training examples per step.")
     learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(default=0.06, ge=0.0, lt=1.0, description="Share of steps of linear warmup.")
@@ -95,9 +91,7 @@ class TrainingConfig(_Frozen):
 class EvaluationConfig(_Frozen):
     """How the final model is measured."""
 
-    calibration_bins: int = Field(
-        default=15, ge=2, le=100, description="Bins of the expected calibration error."
-    )
+    calibration_bins: int = Field(default=15, ge=2, le=100, description="Bins of the expected calibration error.")
     batch_size: int = Field(default=128, ge=1, le=4096, description="Texts per evaluation batch.")
 
 
@@ -121,9 +115,7 @@ class RegistrationConfig(_Frozen):
 class ExportConfig(_Frozen):
     """ONNX export and its parity gate."""
 
-    parity_samples: int = Field(
-        default=256, ge=256, le=100_000, description="Eval texts in the parity check."
-    )
+    parity_samples: int = Field(default=256, ge=256, le=100_000, description="Eval texts in the parity check.")
     tolerance: float = Field(default=1e-4, gt=0.0, le=1e-2, description="Largest allowed |logit difference|.")
     opset: int = Field(default=18, ge=14, le=23, description="ONNX opset version.")
 
@@ -171,6 +163,8 @@ class FinetuneConfig(_Frozen):
         """The scenario's defaults, then ``overrides`` (dotted keys, e.g. ``training.epochs``)."""
         if scenario not in SCENARIOS.names():
             raise ConfigError(f"unknown scenario {scenario!r}; registered scenarios: {SCENARIOS.names()}")
+        if "scenario" in (overrides or {}):
+            raise ConfigError("choose the scenario by name, not with an override: its defaults would not apply")
         d = SCENARIOS.get(scenario).defaults
         values: dict[str, Any] = {
             "scenario": scenario,

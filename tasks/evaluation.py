@@ -172,8 +172,13 @@ def evaluate_checkpoint(
     frame.assign(predicted=[labels[i] for i in predicted], confidence=probs.max(axis=-1)).to_parquet(
         report_dir / "predictions.parquet", index=False
     )
-    logger.info("evaluate: %s %.4f, macro-F1 %.4f, ECE %.4f", primary_metric, metrics[primary_metric],
-                metrics["macro_f1"], metrics["ece"])
+    logger.info(
+        "evaluate: %s %.4f, macro-F1 %.4f, ECE %.4f",
+        primary_metric,
+        metrics[primary_metric],
+        metrics["macro_f1"],
+        metrics["ece"],
+    )
     return EvalResult(
         metrics=metrics,
         report_dir=str(report_dir),
@@ -218,7 +223,9 @@ def evaluate_model(model_dir: str, data: IngestResult, config: FinetuneConfig, r
     )
     confusion = json.loads((Path(result.report_dir) / "metrics.json").read_text())["confusion_matrix"]
     header = "| true \\ predicted | " + " | ".join(data.labels) + " |\n|---|" + "---|" * len(data.labels)
-    rows = "\n".join(f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(data.labels, confusion))
+    rows = "\n".join(
+        f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(data.labels, confusion, strict=True)
+    )
     create_markdown_artifact(
         key=f"{config.scenario}-evaluation",
         description="Headline metrics and confusion matrix",

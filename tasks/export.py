@@ -108,14 +108,16 @@ def check_parity(
         raise ParityError(f"parity needs at least {min_texts} eval texts, got {len(texts)}")
     scorer = OnnxTextClassifier(onnx_path, model_dir / "tokenizer.json")
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
-    worst, agree, shapes, start = 0.0, True, [], 0
+    worst, agree, start = 0.0, True, 0
+    shapes: list[tuple[int, int]] = []
     with torch.inference_mode():
         while start < len(texts):
             size = PARITY_BATCH_SIZES[len(shapes) % len(PARITY_BATCH_SIZES)]
             chunk = texts[start : start + size]
             start += size
             batch = scorer.encode(chunk)
-            shapes.append(list(batch["input_ids"].shape))
+            rows, width = batch["input_ids"].shape
+            shapes.append((rows, width))
             onnx_logits = scorer.session.run(["logits"], batch)[0]
             torch_logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
             worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
@@ -123,7 +125,7 @@ def check_parity(
     result = ExportResult(
         onnx_path=str(onnx_path),
         parity_texts=len(texts),
-        parity_shapes=sorted({tuple(s) for s in shapes}),  # type: ignore[arg-type]
+        parity_shapes=[list(shape) for shape in sorted(set(shapes))],
         max_abs_diff=worst,
         labels_agree=agree,
     )

@@ -128,9 +128,7 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise DataError(
-                            f"invalid JSON: {exc.msg}", file=path, line=number, value=line
-                        ) from exc
+                        raise DataError(f"invalid JSON: {exc.msg}", file=path, line=number, value=line) from exc
                     if not isinstance(record, dict):
                         raise DataError("not a JSON object", file=path, line=number, value=line)
                     rows.append(record)
@@ -147,9 +145,7 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
     )
 
 
-def resolve_columns(
-    frame: pd.DataFrame, path: Path, scenario: Scenario, options: IngestOptions
-) -> tuple[str, str]:
+def resolve_columns(frame: pd.DataFrame, path: Path, scenario: Scenario, options: IngestOptions) -> tuple[str, str]:
     """The (text, label) columns: as configured, else the first scenario layout that fits."""
     found = list(frame.columns)
     if options.text_column or options.label_column:
@@ -160,9 +156,7 @@ def resolve_columns(
                 return layout.text_column, layout.label_column
         wanted = [scenario.layouts[0].text_column, scenario.layouts[0].label_column]
         known = ", ".join(f"{lay.name}: ({lay.text_column}, {lay.label_column})" for lay in scenario.layouts)
-        missing = (
-            next(c for c in wanted if c not in found) if any(c not in found for c in wanted) else wanted[0]
-        )
+        missing = next(c for c in wanted if c not in found) if any(c not in found for c in wanted) else wanted[0]
         raise DataError(
             f"missing column {missing!r}; columns found: {found}; scenario {scenario.name!r} knows {known}",
             file=path,
@@ -175,9 +169,7 @@ def resolve_columns(
     return wanted[0], wanted[1]
 
 
-def clean_rows(
-    frame: pd.DataFrame, path: Path, text_col: str, label_col: str, scenario: Scenario
-) -> pd.DataFrame:
+def clean_rows(frame: pd.DataFrame, path: Path, text_col: str, label_col: str, scenario: Scenario) -> pd.DataFrame:
     """Validate every row; return columns ``text`` and ``label`` (the label's name)."""
     if frame.empty:
         raise DataError("no data rows: the file has a header only", file=path)
@@ -198,9 +190,7 @@ def clean_rows(
             )
     if scenario.label_names:
         labels = labels.map(scenario.label_names)
-    return pd.DataFrame(
-        {"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)}
-    )
+    return pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)})
 
 
 # -- shaping -----------------------------------------------------------------------------------
@@ -235,7 +225,10 @@ def ingest_files(
     """Validate, deduplicate, split and save; reuse an earlier output for identical inputs."""
     key_parts = [
         _INGEST_VERSION,
+        # Content and format: the same bytes read as .csv and as .tsv are different datasets.
+        "".join(train_file.suffixes).lower(),
         file_sha256(train_file) if train_file.is_file() else str(train_file),
+        "".join(eval_file.suffixes).lower() if eval_file else "",
         file_sha256(eval_file) if eval_file and eval_file.is_file() else str(eval_file),
         scenario.name,
         json.dumps(scenario.label_names, sort_keys=True),
@@ -245,7 +238,7 @@ def ingest_files(
     out = cache_dir / "ingest" / key
     if (out / "meta.json").is_file():
         result = IngestResult.model_validate_json((out / "meta.json").read_text()).model_copy(
-            update={"cached": True}
+            update={"cached": True, "train_file": str(train_file), "eval_file": str(eval_file) if eval_file else None}
         )
         logger.info("ingest: reusing cached dataset %s (data hash %s)", out, result.data_hash[:12])
         return result

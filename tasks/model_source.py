@@ -84,9 +84,7 @@ def _from_registry(uri: str, download_dir: Path) -> Path:
     for folder in candidates:
         if folder.is_dir():
             return _check_folder(folder, uri)
-    raise ConfigError(
-        f"model source {uri!r} holds no Hugging Face checkpoint ({HF_SUBDIR}/); was it made here?"
-    )
+    raise ConfigError(f"model source {uri!r} holds no Hugging Face checkpoint ({HF_SUBDIR}/); was it made here?")
 
 
 def _from_hub(repo_id: str, download_dir: Path) -> Path:

@@ -106,9 +106,7 @@ def register_model(
     import mlflow
     from mlflow.models import infer_signature
 
-    champion_version, champion_value, note = champion_metric_on(
-        model_name, eval_dataset, labels, primary_metric
-    )
+    champion_version, champion_value, note = champion_metric_on(model_name, eval_dataset, labels, primary_metric)
     promote, decision = decide(challenger_metric, champion_value, margin, note)
 
     example = ["a gorgeous, witty film"]
@@ -165,9 +163,7 @@ def register_model(
         client.delete_model_version(model_name, version)
         if champion_version is not None and moved_champion:
             client.set_registered_model_alias(model_name, CHAMPION, champion_version)
-        raise PromotionError(
-            f"registering {model_name} v{version} failed and was rolled back: {exc}"
-        ) from exc
+        raise PromotionError(f"registering {model_name} v{version} failed and was rolled back: {exc}") from exc
     logger.info("register: %s version %s, aliases %s; %s", model_name, version, result.aliases, decision)
     return result
 

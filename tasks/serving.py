@@ -35,7 +35,8 @@ class OnnxTextClassifier:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.labels: list[str] = [label for _, label in sorted(json.loads(meta["id2label"]).items(), key=lambda kv: int(kv[0]))]
+        id2label = json.loads(meta["id2label"])
+        self.labels: list[str] = [id2label[key] for key in sorted(id2label, key=int)]
         self.max_length = int(meta["max_length"])
         self.tokenizer_hash = meta.get("tokenizer_hash", "")
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -89,7 +90,7 @@ def texts_from(model_input: Any) -> list[str]:
     return [str(t) for t in model_input]
 
 
-class TextClassifierPyfunc(PythonModel):  # type: ignore[misc]
+class TextClassifierPyfunc(PythonModel):
     """MLflow pyfunc: raw text in; label, score and class probabilities out (onnxruntime inside)."""
 
     def load_context(self, context: Any) -> None:

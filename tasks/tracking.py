@@ -38,9 +38,7 @@ def configure_mlflow(tracking_uri: str, experiment: str, artifact_root: str) -> 
     experiment_id = (
         found.experiment_id
         if found
-        else mlflow.create_experiment(
-            experiment, artifact_location=f"{artifact_root.rstrip('/')}/{experiment}"
-        )
+        else mlflow.create_experiment(experiment, artifact_location=f"{artifact_root.rstrip('/')}/{experiment}")
     )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
@@ -72,14 +70,10 @@ def open_run(config: FinetuneConfig, tracking_uri: str, artifact_root: str, runs
 
     experiment_id = configure_mlflow(tracking_uri, config.experiment_name, artifact_root)
     run_dir = new_run_dir(runs_dir, config.scenario)
-    with mlflow.start_run(
-        run_name=run_dir.name, tags={"scenario": config.scenario, "head": config.head_name}
-    ) as run:
+    with mlflow.start_run(run_name=run_dir.name, tags={"scenario": config.scenario, "head": config.head_name}) as run:
         mlflow.log_params(flat_params(config.model_dump(mode="json")))
         mlflow.set_tag("run_dir", str(run_dir))
-    return RunInfo(
-        run_dir=str(run_dir), run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=tracking_uri
-    )
+    return RunInfo(run_dir=str(run_dir), run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
 
 
 @task(name="start-run")

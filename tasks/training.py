@@ -153,9 +153,7 @@ def train_model(
 
     final_dir = run_dir / "model"
     trainer.save_model(str(final_dir))
-    for (
-        name
-    ) in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
+    for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, final_dir / name)
     return TrainResult(
@@ -180,9 +178,7 @@ def prefect_progress_callback(key: str) -> Any:
             self.last = -1.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.artifact_id = create_progress_artifact(
-                progress=0.0, key=key, description="Fine-tuning progress"
-            )
+            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description="Fine-tuning progress")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             done = round(100.0 * state.global_step / max(state.max_steps, 1), 1)

@@ -91,6 +91,34 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sequence classifier (negative/positive; random, seeded) with MiniLM's tokenizer files.
+
+    Built like ``tiny_model_dir`` but with initializer_range 0.2: at BERT's default 0.02 every
+    text gets nearly the same output and one label, which would leave label checks vacuous.
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from plugins import HEADS
+    from tasks.model_source import TOKENIZER_FILES
+
+    base, folder = tmp_path_factory.mktemp("tiny-bert-wide-init"), tmp_path_factory.mktemp("tiny-classifier")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(base, safe_serialization=True)
+    model = HEADS.get("sequence-classification").build_model(str(base), {0: "negative", 1: "positive"})
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tiny_model_dir / name).is_file():
+            shutil.copy2(tiny_model_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture
 def sentiment_files(tmp_path: Path) -> tuple[Path, Path]:
     """(train, eval) TSV files in the SST-2 layout: 96 train rows, 24 eval rows, disjoint texts."""

@@ -4,44 +4,17 @@ evaluate_checkpoint writes for a tiny classifier."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from plugins import HEADS, SCENARIOS
+from plugins import SCENARIOS
 from tasks.evaluation import classification_metrics, evaluate_checkpoint, expected_calibration_error
 from tasks.ingestion import IngestOptions, ingest_files
-from tasks.model_source import TOKENIZER_FILES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ID2LABEL = {0: "negative", 1: "positive"}
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT classifier (random, seeded) with MiniLM's tokenizer files.
-
-    Built like ``tiny_model_dir`` but with initializer_range 0.2: at BERT's default 0.02 every
-    text gets nearly the same output and one label, which would leave label checks vacuous.
-    """
-    import torch
-    from transformers import BertConfig, BertModel
-
-    base, folder = tmp_path_factory.mktemp("tiny-bert-wide-init"), tmp_path_factory.mktemp("tiny-classifier")
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(base, safe_serialization=True)
-    model = HEADS.get("sequence-classification").build_model(str(base), ID2LABEL)
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tiny_model_dir / name).is_file():
-            shutil.copy2(tiny_model_dir / name, folder / name)
-    return folder
 
 
 # -- expected calibration error -------------------------------------------------------------------

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from plugins import HEADS, SCENARIOS, ParityError
+from plugins import SCENARIOS, ParityError
 from tasks.export import PARITY_BATCH_SIZES, check_parity, export_onnx, parity_texts
 from tasks.ingestion import IngestOptions, ingest_files
-from tasks.model_source import TOKENIZER_FILES, tokenizer_hash
+from tasks.model_source import tokenizer_hash
 from tasks.serving import OnnxTextClassifier
 
 # torch.onnx (dynamo) warns that the input axes sharing one constraint keep a single name.
@@ -54,31 +53,6 @@ def review_texts(count: int, seed: int = 0) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_classifier_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT classifier (random, seeded) with MiniLM's tokenizer files.
-
-    Built like ``tiny_model_dir`` but with initializer_range 0.2: at BERT's default 0.02 every
-    text gets nearly the same output and one label, which would leave label checks vacuous.
-    """
-    import torch
-    from transformers import BertConfig, BertModel
-
-    base, folder = tmp_path_factory.mktemp("tiny-bert-wide-init"), tmp_path_factory.mktemp("tiny-classifier")
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(base, safe_serialization=True)
-    model = HEADS.get("sequence-classification").build_model(str(base), ID2LABEL)
-    model.save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tiny_model_dir / name).is_file():
-            shutil.copy2(tiny_model_dir / name, folder / name)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def onnx_path(tiny_classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export_onnx(tiny_classifier_dir, out, MAX_LENGTH, tokenizer_hash(tiny_classifier_dir))
@@ -93,9 +67,7 @@ def torch_logits(model_dir: Path, texts: list[str]) -> np.ndarray:
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
     with torch.inference_mode():
         rows = [
-            model(**tokenizer(t, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
-            .logits[0]
-            .numpy()
+            model(**tokenizer(t, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")).logits[0].numpy()
             for t in texts
         ]
     return np.stack(rows)
@@ -117,12 +89,7 @@ def test_parity_passes_on_varied_texts_and_batch_shapes(onnx_path: Path, tiny_cl
     assert len(widths) > 1
     assert max(widths) == MAX_LENGTH  # some texts were long enough to be truncated
     # Premise: the model does not give every text the same label, so "labels agree" means something.
-    assert (
-        len(
-            set(OnnxTextClassifier(onnx_path, tiny_classifier_dir / "tokenizer.json").predict(texts)["label"])
-        )
-        == 2
-    )
+    assert len(set(OnnxTextClassifier(onnx_path, tiny_classifier_dir / "tokenizer.json").predict(texts)["label"])) == 2
 
 
 def _tamper(onnx_path: Path, out: Path, rows: slice) -> Path:
@@ -142,15 +109,11 @@ def _tamper(onnx_path: Path, out: Path, rows: slice) -> Path:
     return out
 
 
-def test_tampered_graph_fails_on_logit_difference(
-    onnx_path: Path, tiny_classifier_dir: Path, tmp_path: Path
-) -> None:
+def test_tampered_graph_fails_on_logit_difference(onnx_path: Path, tiny_classifier_dir: Path, tmp_path: Path) -> None:
     # The same shift on both rows moves both logits equally: labels still agree, logits do not.
     tampered = _tamper(onnx_path, tmp_path / "tampered.onnx", slice(None))
 
-    with pytest.raises(
-        ParityError, match=r"max \|logit difference\| .* \(allowed 0.0001\), predicted labels agree"
-    ):
+    with pytest.raises(ParityError, match=r"max \|logit difference\| .* \(allowed 0.0001\), predicted labels agree"):
         check_parity(tampered, tiny_classifier_dir, review_texts(256))
 
 
@@ -160,9 +123,7 @@ def test_tampered_graph_fails_on_labels_even_within_tolerance(
     # Shifting only the "negative" row flips labels near the boundary; a loose tolerance does not help.
     tampered = _tamper(onnx_path, tmp_path / "tampered.onnx", slice(0, 1))
 
-    with pytest.raises(
-        ParityError, match=r"ONNX parity failed .*predicted labels DIFFER .*nothing was published"
-    ):
+    with pytest.raises(ParityError, match=r"ONNX parity failed .*predicted labels DIFFER .*nothing was published"):
         check_parity(tampered, tiny_classifier_dir, review_texts(256), tolerance=10.0)
 
 
@@ -203,9 +164,7 @@ def test_metadata_carries_labels_max_length_and_tokenizer(onnx_path: Path, tiny_
 
 
 @pytest.mark.parametrize(("batch", "seq"), [(3, 40), (1, 5)])
-def test_dynamic_batch_and_sequence_axes(
-    onnx_path: Path, tiny_classifier_dir: Path, batch: int, seq: int
-) -> None:
+def test_dynamic_batch_and_sequence_axes(onnx_path: Path, tiny_classifier_dir: Path, batch: int, seq: int) -> None:
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -229,9 +188,7 @@ def test_dynamic_batch_and_sequence_axes(
 
 
 # -- the serving scorer -----------------------------------------------------------------------------
-def test_scorer_predicts_labels_and_probabilities_in_input_order(
-    onnx_path: Path, tiny_classifier_dir: Path
-) -> None:
+def test_scorer_predicts_labels_and_probabilities_in_input_order(onnx_path: Path, tiny_classifier_dir: Path) -> None:
     texts = review_texts(40, seed=1)
     scorer = OnnxTextClassifier(onnx_path, tiny_classifier_dir / "tokenizer.json")
 

@@ -208,9 +208,7 @@ def test_real_sst2_dev_file() -> None:
 
 
 # -- resolve_columns -----------------------------------------------------------------------------
-def test_resolve_columns_picks_the_sst2_layout(
-    sentiment_files: tuple[Path, Path], sentiment: Scenario
-) -> None:
+def test_resolve_columns_picks_the_sst2_layout(sentiment_files: tuple[Path, Path], sentiment: Scenario) -> None:
     train, _ = sentiment_files
     assert resolve_columns(read_table(train), train, sentiment, IngestOptions()) == ("sentence", "label")
 
@@ -245,9 +243,7 @@ def test_missing_configured_column_is_named(tmp_path: Path, sentiment: Scenario)
     path = tmp_path / "reviews.csv"
     path.write_text("body,label\ngood,1\n", encoding="utf-8")
     options = IngestOptions(text_column="review")
-    with pytest.raises(
-        DataError, match=r"missing column 'review'; columns found: \['body', 'label'\]"
-    ) as info:
+    with pytest.raises(DataError, match=r"missing column 'review'; columns found: \['body', 'label'\]") as info:
         resolve_columns(read_table(path), path, sentiment, options)
     assert info.value.column == "review"
     assert info.value.file == str(path)
@@ -394,9 +390,7 @@ def test_eval_texts_also_in_train_are_removed_and_counted(
     assert set(_parquet(result, "eval")["text"]).isdisjoint(train_texts)
 
 
-def test_split_without_eval_file_is_stratified_and_seeded(
-    tmp_path: Path, sentiment: Scenario, cache: Path
-) -> None:
+def test_split_without_eval_file_is_stratified_and_seeded(tmp_path: Path, sentiment: Scenario, cache: Path) -> None:
     rows = [(f"{t} {n}", "1") for t in POSITIVE for n in range(4)] + [
         (f"{t} {n}", "0") for t in NEGATIVE[:6] for n in range(4)
     ]
@@ -426,9 +420,7 @@ def test_split_without_eval_file_is_stratified_and_seeded(
     assert _parquet(other, "eval")["label"].value_counts().to_dict() == {"positive": 12, "negative": 6}
 
 
-def test_max_train_rows_subsamples(
-    sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path
-) -> None:
+def test_max_train_rows_subsamples(sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path) -> None:
     train, dev = sentiment_files
     result = ingest_files(train, dev, sentiment, IngestOptions(max_train_rows=20), cache)
     assert result.train_rows == 20
@@ -483,9 +475,7 @@ def test_ingest_empty_train_file(tmp_path: Path, sentiment: Scenario, cache: Pat
     assert not (cache / "ingest").exists()
 
 
-def test_ingest_header_only_eval_file(
-    sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path
-) -> None:
+def test_ingest_header_only_eval_file(sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path) -> None:
     train, dev = sentiment_files
     write_tsv(dev, [])
     with pytest.raises(DataError, match=rf"header only \(file {re.escape(str(dev))}\)") as info:
@@ -493,9 +483,7 @@ def test_ingest_header_only_eval_file(
     assert info.value.file == str(dev)
 
 
-def test_one_class_only_is_an_error(
-    sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path
-) -> None:
+def test_one_class_only_is_an_error(sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path) -> None:
     train, dev = sentiment_files
     write_tsv(train, [(t, "1") for t in POSITIVE])
     with pytest.raises(DataError, match=r"only one class.*column 'label', value 'positive'") as info:
@@ -504,9 +492,7 @@ def test_one_class_only_is_an_error(
     assert (info.value.column, info.value.value) == ("label", "positive")
 
 
-def test_unknown_label_in_eval_file(
-    sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path
-) -> None:
+def test_unknown_label_in_eval_file(sentiment_files: tuple[Path, Path], sentiment: Scenario, cache: Path) -> None:
     train, dev = sentiment_files
     write_tsv(dev, [("fine", "1"), ("awful", "0"), ("so so", "2")])
     with pytest.raises(
@@ -523,9 +509,7 @@ def test_unknown_label_in_eval_file(
 
 def test_eval_label_that_train_lacks(tmp_path: Path, cache: Path) -> None:
     train = tmp_path / "train.csv"
-    train.write_text(
-        "text,label\nstocks rise,business\ngoal scored,sport\nmarkets fall,business\n", encoding="utf-8"
-    )
+    train.write_text("text,label\nstocks rise,business\ngoal scored,sport\nmarkets fall,business\n", encoding="utf-8")
     dev = tmp_path / "dev.csv"
     dev.write_text("headline,category\nbonds slip,business\nnew phone out,tech\n", encoding="utf-8")
     with pytest.raises(
@@ -543,3 +527,17 @@ def test_non_utf8_train_file_through_ingest(tmp_path: Path, sentiment: Scenario,
     with pytest.raises(DataError, match=r"not valid UTF-8.*line 3") as info:
         ingest_files(path, None, sentiment, IngestOptions(), cache)
     assert (info.value.file, info.value.line) == (str(path), 3)
+
+
+def test_same_bytes_in_another_format_are_not_served_from_the_cache(tmp_path: Path) -> None:
+    """A file's format is part of the cache key: the same bytes parse differently as CSV and TSV."""
+    text = "text\tlabel\n" + "".join(f'"{t}, really"\t1\n' for t in POSITIVE)
+    text += "".join(f'"{t}, really"\t0\n' for t in NEGATIVE)
+    as_tsv, as_csv = tmp_path / "data.tsv", tmp_path / "data.csv"
+    as_tsv.write_text(text, encoding="utf-8")
+    as_csv.write_text(text, encoding="utf-8")
+    scenario = SCENARIOS.get("sentiment")
+    tsv = ingest_files(as_tsv, None, scenario, IngestOptions(), tmp_path / "cache")
+    assert tsv.text_column == "text"
+    with pytest.raises(DataError, match="missing column"):  # one column 'text\tlabel' when read as CSV
+        ingest_files(as_csv, None, scenario, IngestOptions(), tmp_path / "cache")

@@ -163,9 +163,7 @@ def test_duplicate_of_a_same_named_class_names_both_modules() -> None:
     registry = new_registry()
     registry.register(vendor_a)
 
-    with pytest.raises(
-        PluginError, match=r"already registered by vendor_a\.heads.Head; .*vendor_b\.heads.Head"
-    ):
+    with pytest.raises(PluginError, match=r"already registered by vendor_a\.heads.Head; .*vendor_b\.heads.Head"):
         registry.register(vendor_b)
 
 
@@ -230,9 +228,7 @@ def test_scenario_missing_its_head_is_refused() -> None:
     registry: Registry[Scenario] = Registry(
         "finetune_flows_test.scenarios", "scenario", SCENARIOS._protocol, SCENARIOS._required
     )
-    with pytest.raises(
-        PluginError, match=r"scenario plugin '.*HeadlessScenario' is invalid: missing attribute 'head'"
-    ):
+    with pytest.raises(PluginError, match=r"scenario plugin '.*HeadlessScenario' is invalid: missing attribute 'head'"):
         registry.register(HeadlessScenario)  # type: ignore[arg-type]  # the point of the test
 
 
@@ -244,9 +240,7 @@ def test_unknown_name_lists_registered_names(fake_entry_points: list[EntryPoint]
     registry.register(ToyHead)
 
     expected = re.escape("['good-head', 'import-fails', 'init-fails', 'old-api', 'toy-head']")
-    with pytest.raises(
-        PluginError, match=rf"unknown head 'nope'\. Currently registered head names are: {expected}"
-    ):
+    with pytest.raises(PluginError, match=rf"unknown head 'nope'\. Currently registered head names are: {expected}"):
         registry.get("nope")
 
 
@@ -329,17 +323,13 @@ def test_builtins_are_declared_as_entry_points() -> None:
     heads = {ep.name: ep.value for ep in entry_points(group=HEADS.group)}
     scenarios = {ep.name: ep.value for ep in entry_points(group=SCENARIOS.group)}
 
-    assert heads["sequence-classification"] == (
-        "plugins.heads.sequence_classification:SequenceClassificationHead"
-    )
+    assert heads["sequence-classification"] == ("plugins.heads.sequence_classification:SequenceClassificationHead")
     assert scenarios["sentiment"] == "plugins.scenarios.sentiment:SentimentScenario"
 
 
 def test_builtins_load_from_the_real_entry_points() -> None:
     heads: Registry[TaskHead] = Registry(HEADS.group, HEADS.kind, HEADS._protocol, HEADS._required)
-    scenarios: Registry[Scenario] = Registry(
-        SCENARIOS.group, SCENARIOS.kind, SCENARIOS._protocol, SCENARIOS._required
-    )
+    scenarios: Registry[Scenario] = Registry(SCENARIOS.group, SCENARIOS.kind, SCENARIOS._protocol, SCENARIOS._required)
 
     assert "sequence-classification" in heads.names()
     assert "sentiment" in scenarios.names()
@@ -376,3 +366,28 @@ def test_cli_plugins_does_not_import_torch(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     _assert_lists_builtins(result.stdout)
     assert result.stdout.splitlines()[-1] == "False"
+
+
+def test_two_packages_claiming_one_name_fail_that_name_only(monkeypatch, caplog) -> None:
+    """A name registered by two different targets is an error naming both; listing skips only that name."""
+    from importlib.metadata import EntryPoint
+
+    import plugins.registry as registry_module
+    from plugins import PluginError, Registry
+    from plugins.specs import TaskHead
+
+    group = "test.clash"
+    good = "plugins.heads.sequence_classification:SequenceClassificationHead"
+    points = [
+        EntryPoint(name="clash", value="vendor_a.heads:Head", group=group),
+        EntryPoint(name="clash", value="vendor_b.heads:Head", group=group),
+        EntryPoint(name="sequence-classification", value=good, group=group),
+    ]
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [p for p in points if p.group == group])
+    registry: Registry[TaskHead] = Registry(group, "head", TaskHead, ("name", "predict"))
+    assert registry.names() == ["clash", "sequence-classification"]
+    with pytest.raises(PluginError, match=r"'clash' is registered twice: by vendor_a.heads:Head and by vendor_b"):
+        registry.get("clash")
+    with caplog.at_level("WARNING"):
+        assert list(registry.available()) == ["sequence-classification"]
+    assert "registered twice" in caplog.text

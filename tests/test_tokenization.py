@@ -62,9 +62,7 @@ def test_premise_every_word_is_one_token(tiny_model_dir: Path) -> None:
         assert len(tokenizer(text)["input_ids"]) == _full_length(text), text
 
 
-def test_saves_unpadded_splits_with_labels(
-    known_lengths: IngestResult, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_saves_unpadded_splits_with_labels(known_lengths: IngestResult, tiny_model_dir: Path, tmp_path: Path) -> None:
     from datasets import load_from_disk
 
     result = tokenize_dataset(
