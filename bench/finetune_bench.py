@@ -297,11 +297,31 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         log.flush()
 
 
+def _child_main(spec: dict[str, Any], conn: Any) -> None:
+    conn.send(run_config(spec))
+    conn.close()
+
+
 def _run_in_fresh_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in a freshly spawned interpreter (so ru_maxrss is that config's own)."""
     ctx = mp.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        result: dict[str, Any] = pool.apply(run_config, (spec,))
+    process = ctx.Process(target=_child_main, args=(spec, sender), name=f"bench-{spec['name']}")
+    process.start()
+    sender.close()
+    try:
+        result: dict[str, Any] = receiver.recv()
+    except EOFError:  # the child died without answering (killed, out of memory, crashed)
+        process.join()
+        result = {
+            "name": spec["name"],
+            "description": CONFIGS[spec["name"]],
+            "ok": False,
+            "error": f"child process exited with code {process.exitcode} without a result",
+            "log": spec["log_path"],
+        }
+    process.join()
     # spawn + imports + model load + training (+ ours' final eval and save)
     result["wall_seconds"] = time.perf_counter() - t0
     return result
@@ -504,12 +524,13 @@ def print_table(report: dict[str, Any]) -> None:
             if norm:
                 steps = norm["steps_compared"]
                 same = "checked identical" if norm["same_batches"] else "NOT identical"
+                span = f"s {steps[0]}-{steps[-1]}" if len(steps) > 1 else f" {steps[0]}"
                 ref = norm["reference"]
                 notes.append(
                     f"* {c['name']} ran {c['steps']} steps (--bf16-steps), not {params['steps']}: "
-                    f"the same first batches as {ref} ({same}). Its rates and pad % are {ref}'s "
-                    "full-run figures x the bf16/fp32 step-time ratio on steps "
-                    f"{steps[0]}-{steps[-1]} ({norm['bf16_seconds']:.1f} s vs "
+                    f"the same first batches as {ref} ({same}). Its rates and pad % are the full-run "
+                    f"figures of {ref} x the bf16/fp32 step-time ratio on step"
+                    f"{span} ({norm['bf16_seconds']:.1f} s vs "
                     f"{norm['reference_seconds']:.1f} s = {norm['speed_vs_reference']:.3f}x). "
                     f"Raw over its own {c['steps']} steps (the longest batches): "
                     f"{raw['samples_per_s']:.2f} samples/s, {raw['real_tokens_per_s']:,.0f} real tok/s, "

@@ -40,6 +40,7 @@ class TrainResult(BaseModel):
     train_samples_per_second: float
     best_metric: float | None
     eval_metrics: dict[str, float]
+    """The last evaluation during training (empty when training ended before the first one)."""
 
 
 def bf16_is_fast() -> bool:
@@ -149,7 +150,9 @@ def train_model(
         config.learning_rate,
     )
     output = trainer.train()
-    final_metrics = trainer.evaluate()
+    # The evaluate stage scores the final model in full; here keep the last in-training evaluation.
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last_eval = evaluations[-1] if evaluations else {}
 
     final_dir = run_dir / "model"
     trainer.save_model(str(final_dir))
@@ -164,7 +167,7 @@ def train_model(
         train_seconds=float(output.metrics["train_runtime"]),
         train_samples_per_second=float(output.metrics["train_samples_per_second"]),
         best_metric=trainer.state.best_metric,
-        eval_metrics={k: float(v) for k, v in final_metrics.items() if isinstance(v, int | float)},
+        eval_metrics={k: float(v) for k, v in last_eval.items() if isinstance(v, int | float)},
     )
 
 
