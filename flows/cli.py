@@ -61,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
     out.write(f"promotion        : {summary.decision}\n")
     for key, value in summary.metrics.items():
-        out.write(f"eval {key:<12}: {value:.4f}\n")
+        label = f"test {key.removeprefix('test_')}" if key.startswith("test_") else f"eval {key}"
+        out.write(f"{label:<17}: {value:.4f}\n")
     out.write(f"ONNX             : {summary.onnx_path}\n")
     out.write(f"training time    : {summary.train_seconds:.0f} s\n")
     out.write(

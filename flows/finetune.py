@@ -10,13 +10,15 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.config import FinetuneConfig
 from tasks.evaluation import evaluate_model
-from tasks.export import export_model
+from tasks.export import export_model, export_topic_encoder
 from tasks.ingestion import ingest_data
 from tasks.model_source import fetch_model
 from tasks.registration import register_version
 from tasks.tokenization import tokenize_data
 from tasks.tracking import start_run
 from tasks.training import fine_tune
+
+HEADLINE = ("accuracy", "macro_f1", "ece")
 
 
 class FinetuneSummary(BaseModel):
@@ -46,13 +48,17 @@ def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # n
     trained = fine_tune(tokens, data, base_model, config, run)
     evaluation = evaluate_model(trained.model_dir, data, config, run)
     exported = export_model(trained.model_dir, data, tokens, config, run)
-    registered = register_version(trained.model_dir, data, tokens, evaluation, exported, config, run)
+    topics = export_topic_encoder(data, config, run)
+    registered = register_version(trained.model_dir, data, tokens, evaluation, exported, config, run, topics)
     return FinetuneSummary(
         model_name=registered.model_name,
         version=registered.version,
         aliases=registered.aliases,
         decision=registered.decision,
-        metrics={k: v for k, v in evaluation.metrics.items() if k in {"accuracy", "macro_f1", "ece"}},
+        metrics={
+            **{k: v for k, v in evaluation.metrics.items() if k in HEADLINE},
+            **{f"test_{k}": v for k, v in (evaluation.test_metrics or {}).items() if k in HEADLINE},
+        },
         onnx_path=exported.onnx_path,
         run_id=registered.run_id,
         reused_ingest=data.cached,

@@ -158,5 +158,6 @@ SCENARIOS: Registry[Scenario] = Registry(
         "defaults",
         "sample",
         "read_file",
+        "taxonomy",
     ),
 )

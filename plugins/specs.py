@@ -46,6 +46,8 @@ class ScenarioDefaults:
     batch_size: int = 32
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
+    eval_fraction: float = 0.1
+    test_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ class Scenario(Protocol):
         """Read a file in a scenario-specific format, or return None to use the generic readers."""
         ...
 
+    def taxonomy(self) -> Path | None:
+        """A topic taxonomy (JSON) to assign topics by embedding similarity, or None for no topics."""
+        ...
+
 
 class ScenarioBase:
     """Convenience base with the optional parts of ``Scenario`` filled in."""
@@ -108,4 +114,7 @@ class ScenarioBase:
         return None
 
     def read_file(self, path: Path) -> pd.DataFrame | None:
+        return None
+
+    def taxonomy(self) -> Path | None:
         return None

@@ -30,6 +30,13 @@ class Precision(StrEnum):
     FP32 = "fp32"
 
 
+class ClassWeighting(StrEnum):
+    """How classes are weighted in the training loss."""
+
+    NONE = "none"
+    BALANCED = "balanced"
+
+
 class DataConfig(_Frozen):
     """Which files to train and evaluate on, and how to read them."""
 
@@ -45,7 +52,16 @@ class DataConfig(_Frozen):
     )
     label_column: str | None = Field(default=None, description="Label column. Empty: as the layout says.")
     eval_fraction: float = Field(
-        default=0.1, gt=0.0, lt=0.5, description="Share of training rows held out when no eval file is given."
+        default=0.1, gt=0.0, lt=0.5, description="Share of training rows held out for eval when no eval file is given."
+    )
+    test_path: str | None = Field(
+        default=None, description="Test file, reported only (never used for early stopping or promotion)."
+    )
+    test_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Share of training rows held out as a test split when no test file is given; 0: none.",
     )
     max_train_rows: int | None = Field(
         default=None, ge=10, le=10_000_000, description="Use only this many training rows (seeded sample)."
@@ -84,6 +100,10 @@ class TrainingConfig(_Frozen):
     )
     precision: Precision = Field(
         default=Precision.AUTO, description="auto: bf16 autocast where the hardware runs it fast, else fp32."
+    )
+    class_weights: ClassWeighting = Field(
+        default=ClassWeighting.NONE,
+        description="balanced: weight each class's loss by n_rows / (n_classes * n_rows_of_class).",
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")
 
@@ -169,6 +189,7 @@ class FinetuneConfig(_Frozen):
         values: dict[str, Any] = {
             "scenario": scenario,
             "model": {"source": d.model, "max_length": d.max_length},
+            "data": {"eval_fraction": d.eval_fraction, "test_fraction": d.test_fraction},
             "training": {
                 "epochs": d.epochs,
                 "batch_size": d.batch_size,

@@ -35,6 +35,8 @@ class EvalResult(BaseModel):
     confusion_png: str
     reliability_png: str
     primary_metric: str
+    test_metrics: dict[str, float] | None = None
+    """The same metrics on the test split, when there is one (reported only, never used to choose)."""
 
     @property
     def primary(self) -> float:
@@ -151,11 +153,12 @@ def evaluate_checkpoint(
     report_dir: Path,
     bins: int = 15,
     batch_size: int = 128,
+    split: str = "eval",
 ) -> EvalResult:
-    """Score the eval split, write metrics.json, predictions.parquet and the two PNGs."""
+    """Score one split (``eval`` or ``test``), write metrics.json, predictions.parquet and the two PNGs."""
     import pandas as pd
 
-    frame = pd.read_parquet(dataset_dir / "eval.parquet")
+    frame = pd.read_parquet(dataset_dir / f"{split}.parquet")
     logits = predict_logits(model_dir, frame["text"].tolist(), max_length, batch_size)
     predicted, probs = HEADS.get(head_name).predict(logits)
     truth = frame["label_id"].to_numpy()
@@ -193,21 +196,31 @@ def evaluate_model(model_dir: str, data: IngestResult, config: FinetuneConfig, r
     """Score the eval split; log metrics and plots to MLflow and show them as Prefect artifacts."""
     import mlflow
 
-    result = evaluate_checkpoint(
-        Path(model_dir),
-        Path(data.dataset_dir),
-        data.labels,
-        config.head_name,
-        config.model.max_length,
-        SCENARIOS.get(config.scenario).primary_metric,
-        Path(run.run_dir) / "evaluation",
-        bins=config.evaluation.calibration_bins,
-        batch_size=config.evaluation.batch_size,
-    )
+    def score(split: str, folder: str) -> EvalResult:
+        return evaluate_checkpoint(
+            Path(model_dir),
+            Path(data.dataset_dir),
+            data.labels,
+            config.head_name,
+            config.model.max_length,
+            SCENARIOS.get(config.scenario).primary_metric,
+            Path(run.run_dir) / folder,
+            bins=config.evaluation.calibration_bins,
+            batch_size=config.evaluation.batch_size,
+            split=split,
+        )
+
+    result = score("eval", "evaluation")
+    test = score("test", "test") if data.test_rows else None
     mlflow.set_tracking_uri(run.tracking_uri)
     with mlflow.start_run(run_id=run.run_id):
         mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
         mlflow.log_artifacts(result.report_dir, artifact_path="evaluation")
+        if test is not None:
+            mlflow.log_metrics({f"test_{k}": v for k, v in test.metrics.items()})
+            mlflow.log_artifacts(test.report_dir, artifact_path="test")
+    if test is not None:
+        result = result.model_copy(update={"test_metrics": test.metrics})
     create_table_artifact(
         key=f"{config.scenario}-metrics",
         description="Per-class precision, recall and F1 on the eval set",

@@ -174,3 +174,38 @@ def export_model(
         mlflow.log_metric("onnx_max_abs_logit_diff", result.max_abs_diff)
         mlflow.set_tag("onnx_parity", "passed")
     return result
+
+
+class TopicEncoderResult(BaseModel):
+    """A folder with the sentence encoder (ONNX), its tokenizer and the taxonomy, parity-checked."""
+
+    model_config = ConfigDict(frozen=True)
+
+    folder: str
+    max_abs_diff: float
+
+
+@task(name="export-topic-encoder")
+def export_topic_encoder(data: IngestResult, config: FinetuneConfig, run: RunInfo) -> TopicEncoderResult | None:
+    """For scenarios with a topic taxonomy: the MiniLM sentence encoder as ONNX, checked like the classifier."""
+    from plugins import SCENARIOS
+
+    taxonomy = SCENARIOS.get(config.scenario).taxonomy()
+    if taxonomy is None:
+        return None
+
+    import shutil
+
+    from tasks.encoder_export import check_encoder_parity, export_sentence_encoder
+    from tasks.model_source import minilm_path
+    from tasks.topics import TAXONOMY_FILE, load_taxonomy
+
+    load_taxonomy(taxonomy)  # fail here, before anything is published, if the taxonomy is invalid
+    source = minilm_path()
+    folder = Path(run.run_dir) / "topic_encoder"
+    onnx_path = export_sentence_encoder(source, folder / "encoder.onnx", opset=config.export.opset)
+    shutil.copy2(source / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy2(taxonomy, folder / TAXONOMY_FILE)
+    texts = parity_texts(Path(data.dataset_dir), config.export.parity_samples)
+    worst = check_encoder_parity(onnx_path, source, texts, config.export.tolerance)
+    return TopicEncoderResult(folder=str(folder), max_abs_diff=worst)

@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict
 from plugins import SCENARIOS, PromotionError
 from tasks.config import FinetuneConfig
 from tasks.evaluation import EvalResult, classification_metrics
-from tasks.export import ExportResult
+from tasks.export import ExportResult, TopicEncoderResult
 from tasks.ingestion import IngestResult
 from tasks.model_source import HF_SUBDIR
-from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
+from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT, TOPIC_ARTIFACT
 from tasks.tokenization import TokenizeResult
 from tasks.tracking import RunInfo
 
@@ -101,6 +101,7 @@ def register_model(
     challenger_metric: float,
     margin: float,
     tags: dict[str, str],
+    topic_encoder: Path | None = None,
 ) -> RegisterResult:
     """Log the pyfunc to ``run_id``, register it, tag the evidence and move aliases."""
     import mlflow
@@ -119,6 +120,7 @@ def register_model(
                 ONNX_ARTIFACT: str(onnx_path),
                 TOKENIZER_ARTIFACT: str(model_dir / "tokenizer.json"),
                 HF_SUBDIR: str(model_dir),
+                **({TOPIC_ARTIFACT: str(topic_encoder)} if topic_encoder else {}),
             },
             signature=infer_signature(example, out_example),
             input_example=example,
@@ -176,6 +178,7 @@ def register_version(
     exported: ExportResult,
     config: FinetuneConfig,
     run: RunInfo,
+    topics: TopicEncoderResult | None = None,
 ) -> RegisterResult:
     """Register the parity-checked model and move the aliases the promotion gate allows."""
     import mlflow
@@ -203,6 +206,7 @@ def register_version(
         evaluation.primary,
         config.registration.promotion_margin,
         tags,
+        topic_encoder=Path(topics.folder) if topics else None,
     )
     create_markdown_artifact(
         key=f"{config.scenario}-registration",

@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 
 ONNX_ARTIFACT = "onnx_model"
 TOKENIZER_ARTIFACT = "tokenizer_json"
+TOPIC_ARTIFACT = "topic_encoder"  # a folder: encoder.onnx, tokenizer.json, topics.json
 
 
 class OnnxTextClassifier:
@@ -95,6 +96,15 @@ class TextClassifierPyfunc(PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.scorer = OnnxTextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+        self.topics: Any = None
+        if TOPIC_ARTIFACT in context.artifacts:
+            from tasks.topics import load_topic_assigner
+
+            self.topics = load_topic_assigner(Path(context.artifacts[TOPIC_ARTIFACT]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.scorer.predict(texts_from(model_input))
+        texts = texts_from(model_input)
+        scored = self.scorer.predict(texts)
+        if self.topics is not None:
+            scored["topic"] = self.topics.assign(texts)
+        return scored

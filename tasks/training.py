@@ -17,7 +17,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict
 
 from plugins import HEADS, SCENARIOS
-from tasks.config import FinetuneConfig, Precision, TrainingConfig
+from tasks.config import ClassWeighting, FinetuneConfig, Precision, TrainingConfig
 from tasks.evaluation import classification_metrics
 from tasks.ingestion import IngestResult
 from tasks.model_source import TOKENIZER_FILES
@@ -53,6 +53,12 @@ def bf16_is_fast() -> bool:
     if torch.cuda.is_available():
         return bool(torch.cuda.is_bf16_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
+    """n_rows / (n_classes * n_rows_of_class) for each class (sklearn's "balanced")."""
+    counts = [labels.count(i) for i in range(n_classes)]
+    return [len(labels) / (n_classes * count) if count else 0.0 for count in counts]
 
 
 def choose_precision(requested: Precision) -> Precision:
@@ -97,6 +103,16 @@ def train_model(
         metrics = classification_metrics(prediction.label_ids, predicted, probs, list(id2label.values()))
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
+    weights = torch.tensor(balanced_class_weights(train_set["labels"], len(id2label)), dtype=torch.float32)
+
+    def weighted_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        logits = outputs["logits"]
+        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights.to(logits.device))
+
+    balanced = config.class_weights is ClassWeighting.BALANCED
+    if balanced:
+        logger.info("class weights: %s", dict(zip(id2label.values(), weights.tolist(), strict=True)))
+
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=False)  # a run folder is never reused
     args = TrainingArguments(
@@ -136,6 +152,7 @@ def train_model(
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
+        compute_loss_func=weighted_loss if balanced else None,
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
             *(callbacks or []),

@@ -23,6 +23,8 @@ DEFAULT_PATHS = {
     "batch_size": ("training", "batch_size"),
     "warmup_ratio": ("training", "warmup_ratio"),
     "weight_decay": ("training", "weight_decay"),
+    "eval_fraction": ("data", "eval_fraction"),
+    "test_fraction": ("data", "test_fraction"),
 }
 
 

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from flows.finetune import finetune
 from plugins import DataError, ParityError, PromotionError
 from tasks.config import FinetuneConfig
+from tasks.model_source import resolve_model_source, tokenizer_hash
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -66,7 +67,7 @@ def champion(name: str = "sentiment") -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
 
 
-def test_flow_registers_exports_and_gates_promotion(state_dir, tiny_model_dir, files) -> None:
+def test_flow_registers_exports_and_gates_promotion(state_dir, tiny_model_dir, files, tmp_path) -> None:
     first = finetune(config_for(tiny_model_dir, files, max_steps=1))
     assert (first.version, first.aliases) == ("1", ["challenger", "champion"])
     assert Path(first.onnx_path).is_file()
@@ -101,11 +102,43 @@ def test_flow_registers_exports_and_gates_promotion(state_dir, tiny_model_dir, f
     assert tags["champion.version"] == "1"
     assert float(tags["champion.accuracy"]) == pytest.approx(first.metrics["accuracy"], abs=1e-6)
 
+    # The champion is a warm-start source: its Hugging Face checkpoint travels inside the model.
+    warm = resolve_model_source("models:/sentiment@champion", tmp_path / "warm")
+    assert (warm / "config.json").is_file() and list(warm.glob("*.safetensors"))
+    assert tokenizer_hash(warm) == tags["tokenizer_hash"]
 
-def test_bad_input_creates_no_version(state_dir, tiny_model_dir, files, tmp_path) -> None:
-    bad = write_tsv(tmp_path / "bad.tsv", [("a fine film", "1"), ("   ", "0"), ("a poor film", "0")])
-    with pytest.raises(DataError, match=r"empty text \(file .*bad\.tsv, row 2, column 'sentence'"):
-        finetune(config_for(tiny_model_dir, (bad, files[1]), max_steps=1))
+
+GOOD = [("a fine film", "1"), ("a poor film", "0"), ("a superb film", "1")]
+BAD_INPUTS = {
+    "empty file": ("train", b"", r"file is empty \(file .*train\.tsv\)"),
+    "header only": ("train", b"sentence\tlabel\n", r"header only \(file .*train\.tsv\)"),
+    "missing column": (
+        "train",
+        b"sentence\tstars\na fine film\t1\n",
+        r"missing column 'label'; columns found: \['sentence', 'stars'\]",
+    ),
+    "one class": ("train", b"sentence\tlabel\na\t1\nb\t1\n", r"only one class .*column 'label', value 'positive'"),
+    "non-UTF-8 byte": ("train", b"sentence\tlabel\nfine\t1\ncaf\xe9 food\t0\n", r"not valid UTF-8 .*line 3"),
+    "empty text": ("train", b"sentence\tlabel\na fine film\t1\n   \t0\n", r"empty text .*row 2, column 'sentence'"),
+    "eval label train lacks": (
+        "eval",
+        b"text\tlabel\na fine film\tpositive\na mixed film\tneutral\n",
+        r"unknown label .*dev\.tsv, row 2, column 'label', value 'neutral'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_clearly_and_creates_no_version(case, state_dir, tiny_model_dir, files, tmp_path) -> None:
+    which, content, message = BAD_INPUTS[case]
+    train, dev = write_tsv(tmp_path / "train.tsv", GOOD), files[1]
+    if which == "train":
+        train.write_bytes(content)
+    else:
+        dev = tmp_path / "dev.tsv"
+        dev.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        finetune(config_for(tiny_model_dir, (train, dev), max_steps=1))
     assert versions() == []
 
 

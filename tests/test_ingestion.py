@@ -14,15 +14,8 @@ import pytest
 
 from plugins import SCENARIOS, DataError
 from plugins.specs import DataLayout, Scenario, ScenarioBase
-from tasks.ingestion import (
-    IngestOptions,
-    IngestResult,
-    clean_rows,
-    ingest_files,
-    read_table,
-    resolve_columns,
-    stratified_split,
-)
+from tasks.ingestion import IngestOptions, IngestResult, ingest_files, stratified_split
+from tasks.tables import clean_rows, read_table, resolve_columns
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 SST2_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "sst2" / "dev.tsv"

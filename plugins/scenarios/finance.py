@@ -1,0 +1,79 @@
+"""Scenario ``finance-monitoring``: 3-class financial sentiment (negative, neutral, positive).
+
+Reads Financial PhraseBank files (``sentence@label`` per line, any agreement level) as well as
+generic CSV/TSV/JSONL/Parquet tables with text and label columns. Its defaults reproduce the
+FinBERT protocol (Araci 2019): a stratified 20% test split, 20% of the rest as validation, a
+fixed seed; the test split is reported only. Macro-F1 decides, because the classes are imbalanced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from plugins.errors import DataError
+from plugins.readers import decode_utf8
+from plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_DATA = Path(__file__).parent / "data" / "financial_phrasebank"
+LABELS = ("negative", "neutral", "positive")
+
+
+def read_phrasebank(path: Path) -> pd.DataFrame:
+    """Rows of a PhraseBank file: the sentence is everything before the last ``@``, the label after it."""
+    import pandas as pd
+
+    text = decode_utf8(path, path.read_bytes())
+    sentences, labels = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        sentence, at, label = line.rpartition("@")
+        if not at:
+            raise DataError("no '@' separating sentence and label", file=path, line=number, value=line)
+        sentences.append(sentence.strip())
+        labels.append(label.strip())
+    if not sentences:
+        raise DataError("no data rows", file=path)
+    return pd.DataFrame({"sentence": sentences, "label": labels})
+
+
+class FinanceScenario(ScenarioBase):
+    """Opinion in financial news and filings; the base of the ``monitor`` flow."""
+
+    api_version: ClassVar[int] = 1
+    name: ClassVar[str] = "finance-monitoring"
+    description: ClassVar[str] = "3-class financial sentiment (Financial PhraseBank); FinBERT protocol split."
+    head: ClassVar[str] = "sequence-classification"
+    layouts: ClassVar[tuple[DataLayout, ...]] = (
+        DataLayout("phrasebank", "sentence", "label", "Financial PhraseBank: sentence@label per line (.txt)"),
+        DataLayout("generic", "text", "label", "any table with text and label columns"),
+    )
+    label_names: ClassVar[dict[str, str]] = {label: label for label in LABELS}
+    primary_metric: ClassVar[str] = "macro_f1"
+    defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults(
+        model="minilm",
+        max_length=96,
+        learning_rate=5e-5,
+        epochs=4.0,
+        batch_size=16,
+        warmup_ratio=0.1,
+        weight_decay=0.01,
+        eval_fraction=0.2,
+        test_fraction=0.2,
+    )
+
+    def sample(self) -> SampleData:
+        return SampleData(
+            train=_DATA / "Sentences_50Agree.txt",
+            attribution="Financial PhraseBank v1.0 (Malo et al. 2014), CC BY-NC-SA 3.0; see License.txt",
+        )
+
+    def read_file(self, path: Path) -> pd.DataFrame | None:
+        return read_phrasebank(path) if path.suffix.lower() == ".txt" else None
+
+    def taxonomy(self) -> Path:
+        return _DATA / "topics.json"

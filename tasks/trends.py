@@ -1,0 +1,376 @@
+"""Monitor, stages 3-6: store scored records, count them per topic and window, find spikes, report.
+
+Store: one SQLite file, ``<store_dir>/records.sqlite``, table ``records`` keyed by
+(sha256(text), timestamp in UTC microseconds, source). SQLite rather than date-partitioned
+Parquet because deduplication is then the database's job: ``INSERT OR IGNORE`` against the
+primary key inside one transaction, so re-running a batch never counts a record twice, a crashed
+run leaves nothing half-written, and two runs at once queue on the write lock instead of racing
+between "read the stored keys" and "write a new part file". Windows are a ``GROUP BY`` over an
+index on the timestamp. A record keeps the label, score and topic of its first scoring.
+
+Windows are ``window_minutes`` long and aligned to the Unix epoch. A window's negative share is
+the share of its records labelled ``negative``.
+
+Spike rule, for a window w of topic t that gained new records in this run:
+- w holds at least ``min_volume`` records;
+- among the N = ``baseline_windows`` windows just before w, at least ``min_baseline_windows``
+  hold records of t; their shares are the baseline (empty windows are left out);
+- share(w) > mean + max(k_sigma * std, min_margin), with the population std of the baseline.
+  The margin (default 0.1) rules out alerts on a flat or near-flat baseline, where the std is 0
+  and one more negative text would otherwise be a spike: on a baseline of all zeros, a window of
+  ten texts with one negative (share 0.1) does not alert.
+Only windows that gained new records are judged, so replaying a batch raises no alert twice;
+the trend (the table and plot) covers the batch's windows and the N before them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from pydantic import BaseModel, ConfigDict
+
+from tasks.monitoring import MonitorConfig, ScoredBatch
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = (
+    "text_sha256",
+    "ts_us",
+    "source",
+    "timestamp",
+    "text",
+    "topic",
+    "label",
+    "score",
+    "model_version",
+    "batch_id",
+)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    text_sha256 TEXT NOT NULL, ts_us INTEGER NOT NULL, source TEXT NOT NULL, timestamp TEXT NOT NULL,
+    text TEXT NOT NULL, topic TEXT NOT NULL, label TEXT NOT NULL, score REAL, model_version TEXT NOT NULL,
+    batch_id TEXT NOT NULL, PRIMARY KEY (text_sha256, ts_us, source)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_time ON records (ts_us, topic);
+"""
+NEGATIVE = "negative"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class TopicWindow(BaseModel):
+    """A topic and a window index (window start = index * window length since the epoch)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    window: int
+
+
+class StoreResult(BaseModel):
+    """What storing a batch added; the batch's window span; the windows that gained records."""
+
+    model_config = ConfigDict(frozen=True)
+
+    db_path: str
+    batch_id: str
+    new: int
+    duplicates: int
+    first_window: int
+    last_window: int
+    touched: list[TopicWindow]
+
+
+class TrendResult(BaseModel):
+    """The per-topic trend of the batch's windows and the N windows before them (a Parquet file)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    trend_path: str
+    batch_id: str
+    rows: int
+    first_window: int
+    last_window: int
+
+
+class Alert(BaseModel):
+    """A negative-share spike of one topic in one window."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    window_start: datetime
+    window_end: datetime
+    volume: int
+    negatives: int
+    share: float
+    baseline_mean: float
+    baseline_std: float
+    baseline_windows: int
+    threshold: float
+    examples: list[str] = []
+
+
+class ReportResult(BaseModel):
+    """Where the plot is and which events were sent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    trend_png: str
+    events: list[str]
+
+
+def window_us(minutes: int) -> int:
+    return minutes * 60 * 1_000_000
+
+
+def window_start(window: int, minutes: int) -> datetime:
+    return EPOCH + timedelta(microseconds=window * window_us(minutes))
+
+
+def connect(db_path: Path) -> sqlite3.Connection:
+    """A connection to the store (schema created if missing); waits up to 60 s for another writer."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db_path, timeout=60, isolation_level=None)  # transactions are explicit
+    con.executescript(SCHEMA)
+    return con
+
+
+def store_frame(db_path: Path, scored: pd.DataFrame, model_version: str, batch_id: str, minutes: int) -> StoreResult:
+    """Store the records whose key is not stored yet, in one transaction; the windows that gained records."""
+    rows = scored.assign(
+        timestamp=scored["timestamp"].map(lambda t: t.isoformat()), model_version=model_version, batch_id=batch_id
+    )[list(COLUMNS)]
+    values = list(zip(*(rows[c].tolist() for c in COLUMNS), strict=True))
+    with closing(connect(db_path)) as con:
+        con.execute("BEGIN IMMEDIATE")  # the write lock first: no other run stores between our check and insert
+        try:
+            con.execute("CREATE TEMP TABLE incoming AS SELECT * FROM records WHERE 0")
+            con.executemany(f"INSERT INTO incoming VALUES ({', '.join('?' * len(COLUMNS))})", values)
+            new = pd.read_sql_query(
+                "SELECT DISTINCT i.text_sha256, i.ts_us, i.source, i.topic FROM incoming i WHERE NOT EXISTS (SELECT 1 "
+                "FROM records r WHERE r.text_sha256 = i.text_sha256 AND r.ts_us = i.ts_us AND r.source = i.source)",
+                con,
+            )
+            con.execute("INSERT OR IGNORE INTO records SELECT * FROM incoming")
+            con.execute("DROP TABLE incoming")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    new = new.drop_duplicates(["text_sha256", "ts_us", "source"])
+    width = window_us(minutes)
+    touched = {
+        TopicWindow(topic=t, window=w // width) for t, w in zip(new["topic"], new["ts_us"].tolist(), strict=True)
+    }
+    return StoreResult(
+        db_path=str(db_path),
+        batch_id=batch_id,
+        new=len(new),
+        duplicates=len(scored) - len(new),
+        first_window=int(scored["ts_us"].min()) // width,
+        last_window=int(scored["ts_us"].max()) // width,
+        touched=sorted(touched, key=lambda k: (k.topic, k.window)),
+    )
+
+
+def window_counts(db_path: Path, first_window: int, last_window: int, minutes: int) -> pd.DataFrame:
+    """Per topic and non-empty window in [first_window, last_window]: volume, negatives, share, start, end."""
+    width = window_us(minutes)
+    with closing(connect(db_path)) as con:
+        trend = pd.read_sql_query(
+            "SELECT topic, (ts_us - ((ts_us % :w) + :w) % :w) / :w AS window_index, COUNT(*) AS volume, "
+            "SUM(label = :neg) AS negatives FROM records WHERE ts_us >= :lo AND ts_us < :hi "
+            "GROUP BY topic, window_index ORDER BY topic, window_index",
+            con,
+            params={"w": width, "neg": NEGATIVE, "lo": first_window * width, "hi": (last_window + 1) * width},
+        )
+    return trend.assign(
+        share=trend["negatives"] / trend["volume"],
+        window_start=[window_start(w, minutes) for w in trend["window_index"]],
+        window_end=[window_start(w + 1, minutes) for w in trend["window_index"]],
+    )
+
+
+def batch_trend(stored: StoreResult, config: MonitorConfig) -> pd.DataFrame:
+    """The trend of the batch's windows and the ``baseline_windows`` before them (every baseline it needs)."""
+    first = stored.first_window - config.baseline_windows
+    return window_counts(Path(stored.db_path), first, stored.last_window, config.window_minutes)
+
+
+def find_spikes(trend: pd.DataFrame, touched: list[TopicWindow], config: MonitorConfig) -> list[Alert]:
+    """Apply the spike rule (module docstring) to the touched windows of ``trend``."""
+    alerts: list[Alert] = []
+    counts = {(r["topic"], r["window_index"]): r for r in trend.to_dict("records")}
+    for key in sorted(set(touched), key=lambda k: (k.topic, k.window)):
+        current = counts.get((key.topic, key.window))
+        if current is None or current["volume"] < config.min_volume:
+            continue
+        prior = (counts.get((key.topic, w)) for w in range(key.window - config.baseline_windows, key.window))
+        base = np.array([row["share"] for row in prior if row is not None])  # only non-empty windows are rows
+        if len(base) < config.min_baseline_windows:
+            continue
+        mean, std = float(base.mean()), float(base.std())  # numpy's std is the population std (ddof=0)
+        threshold = mean + max(config.k_sigma * std, config.min_margin)
+        if current["share"] > threshold:
+            alerts.append(
+                Alert(
+                    topic=key.topic,
+                    window_start=window_start(key.window, config.window_minutes),
+                    window_end=window_start(key.window + 1, config.window_minutes),
+                    volume=int(current["volume"]),
+                    negatives=int(current["negatives"]),
+                    share=float(current["share"]),
+                    baseline_mean=mean,
+                    baseline_std=std,
+                    baseline_windows=len(base),
+                    threshold=threshold,
+                )
+            )
+    return alerts
+
+
+def negative_examples(db_path: Path, alert: Alert, limit: int) -> list[str]:
+    """Up to ``limit`` negative texts of the alert's topic and window, most confident first."""
+    lo, hi = (round((t - EPOCH) / timedelta(microseconds=1)) for t in (alert.window_start, alert.window_end))
+    with closing(connect(db_path)) as con:
+        rows = con.execute(
+            "SELECT text FROM records WHERE topic = ? AND label = ? AND ts_us >= ? AND ts_us < ? "
+            "ORDER BY score DESC, text LIMIT ?",
+            (alert.topic, NEGATIVE, lo, hi, limit),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def plot_trend(trend: pd.DataFrame, alerts: list[Alert], path: Path) -> Path:
+    """Negative share per topic over the windows, alerts marked in red (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for topic, group in trend.groupby("topic"):
+        ax.plot(group["window_start"], group["share"], marker="o", label=str(topic))
+    if alerts:
+        spikes = pd.DataFrame([a.model_dump() for a in alerts])
+        ax.scatter(spikes["window_start"], spikes["share"], s=160, facecolors="none", edgecolors="red", label="spike")
+    ax.set(ylabel="negative share", xlabel="window start (UTC)", ylim=(-0.02, 1.02), title="Negative share per topic")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def alerts_markdown(alerts: list[Alert], png: Path, config: MonitorConfig) -> str:
+    """The alert artifact: each spike with its numbers and example texts."""
+    rule = (
+        f"share > baseline mean + max({config.k_sigma:g} x std, {config.min_margin:g}); volume >= {config.min_volume}; "
+        f">= {config.min_baseline_windows} non-empty of the last {config.baseline_windows} windows"
+    )
+    lines = [f"### Negative-share spikes: {len(alerts)}", "", f"Rule: {rule}. Trend plot: `{png}`", ""]
+    for a in alerts:
+        lines += [
+            f"**{a.topic}**, window {a.window_start:%Y-%m-%d %H:%M} to {a.window_end:%H:%M} UTC: "
+            f"share **{a.share:.2f}** ({a.negatives}/{a.volume}), "
+            f"baseline {a.baseline_mean:.2f} +- {a.baseline_std:.2f} over "
+            f"{a.baseline_windows} windows (threshold {a.threshold:.2f})",
+            "",
+            *[f"> {text.replace(chr(10), ' ')}" + "\n" for text in a.examples],
+        ]
+    return "\n".join(lines)
+
+
+@task(name="store-records")
+def store_records(scored: ScoredBatch, config: MonitorConfig) -> StoreResult:
+    """Append the scored records to the store; records already stored are skipped."""
+    db_path = config.store_path() / "records.sqlite"
+    stored = store_frame(
+        db_path, pd.read_parquet(scored.scored_path), scored.model_version, scored.batch_id, config.window_minutes
+    )
+    logger.info("store: %d new, %d already stored, in %s", stored.new, stored.duplicates, db_path)
+    return stored
+
+
+@task(name="compute-trends")
+def compute_trends(stored: StoreResult, config: MonitorConfig) -> TrendResult:
+    """Volume and negative share per topic for the batch's windows and the N before them."""
+    trend = batch_trend(stored, config)
+    path = config.store_path() / "work" / stored.batch_id / "trend.parquet"
+    trend.to_parquet(path, index=False)
+    create_table_artifact(
+        key="finance-trend",
+        description=f"Negative share per topic and {config.window_minutes}-minute window",
+        table=[
+            {
+                "topic": r["topic"],
+                "window_start": f"{r['window_start']:%Y-%m-%d %H:%M}",
+                "volume": r["volume"],
+                "negatives": r["negatives"],
+                "share": round(r["share"], 4),
+            }
+            for r in trend.to_dict("records")
+        ],
+    )
+    return TrendResult(
+        trend_path=str(path),
+        batch_id=stored.batch_id,
+        rows=len(trend),
+        first_window=stored.first_window - config.baseline_windows,
+        last_window=stored.last_window,
+    )
+
+
+@task(name="detect-spikes")
+def detect_spikes(trend: TrendResult, stored: StoreResult, config: MonitorConfig) -> list[Alert]:
+    """The spikes among the windows that gained records, each with example negative texts."""
+    alerts = find_spikes(pd.read_parquet(trend.trend_path), stored.touched, config)
+    db_path = Path(stored.db_path)
+    return [a.model_copy(update={"examples": negative_examples(db_path, a, config.examples_per_alert)}) for a in alerts]
+
+
+@task(name="report")
+def report(trend: TrendResult, alerts: list[Alert], config: MonitorConfig) -> ReportResult:
+    """Trend plot, alert artifact, and one ``finance.negative_spike`` Prefect event per alert."""
+    frame = pd.read_parquet(trend.trend_path)
+    png = plot_trend(frame, alerts, config.store_path() / "reports" / f"trend-{trend.batch_id}.png")
+    create_markdown_artifact(
+        key="finance-alerts", description="Negative-share spikes", markdown=alerts_markdown(alerts, png, config)
+    )
+    events: list[str] = []
+    for a in alerts:
+        event = emit_event(
+            event="finance.negative_spike",
+            resource={"prefect.resource.id": f"finance.topic.{a.topic}", "prefect.resource.name": a.topic},
+            payload={
+                "topic": a.topic,
+                "window_start": a.window_start.isoformat(),
+                "window_end": a.window_end.isoformat(),
+                "share": a.share,
+                "baseline_mean": a.baseline_mean,
+                "baseline_std": a.baseline_std,
+                "volume": a.volume,
+                "model": f"models:/{config.model_name}@{config.alias}",
+            },
+        )
+        if event is not None:
+            events.append(str(event.id))
+        logger.warning(
+            "alert: %s negative share %.2f in window %s (baseline %.2f)",
+            a.topic,
+            a.share,
+            a.window_start,
+            a.baseline_mean,
+        )
+    return ReportResult(trend_png=str(png), events=events)

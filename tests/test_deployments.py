@@ -1,0 +1,88 @@
+"""deployments/prefect.yaml: every deployment reaches a real flow by entrypoint, its parameters pass
+both checks Prefect makes (the deployment's JSON schema on the server, the flow's pydantic model at
+run time), the finetune deployments reproduce their scenario's defaults, and the shared work pool
+and schedules come from the ``definitions`` block."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+SPEC: dict[str, Any] = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+DEPLOYMENTS: dict[str, dict[str, Any]] = {d["name"]: d for d in SPEC["deployments"]}
+FINETUNE_SCENARIOS = {"sentiment-finetune": "sentiment", "finance-finetune": "finance-monitoring"}
+
+
+def load_flow(deployment: dict[str, Any]) -> Any:
+    """The flow object behind a deployment's entrypoint, loaded by path as a worker loads it."""
+    from prefect.flows import Flow, load_flow_from_entrypoint
+
+    path, _, function = deployment["entrypoint"].partition(":")
+    if path == "flows/monitor.py" and not (ROOT / path).is_file():
+        pytest.skip("flows/monitor.py is not written yet")
+    assert (ROOT / path).is_file(), f"{deployment['name']}: entrypoint file {path} does not exist"
+    flow = load_flow_from_entrypoint(f"{ROOT / path}:{function}")
+    assert isinstance(flow, Flow), f"{deployment['entrypoint']} is not a Prefect flow"
+    return flow
+
+
+def test_names_are_unique_and_expected() -> None:
+    names = [d["name"] for d in SPEC["deployments"]]
+    assert len(names) == len(set(names))
+    assert set(names) == {"sentiment-finetune", "finance-finetune", "finance-monitor"}
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_parameters_validate_against_the_flow(name: str) -> None:
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    deployment = DEPLOYMENTS[name]
+    flow = load_flow(deployment)
+    parameters = deployment["parameters"]
+    # What the server checks when a run is created from the deployment (enforce_parameter_schema) ...
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate(parameters, schema, raise_on_error=True)
+    # ... and what the flow run itself does with them.
+    validated = flow.validate_parameters(parameters)
+    assert set(validated) == set(parameters)
+
+
+@pytest.mark.parametrize(("name", "scenario"), sorted(FINETUNE_SCENARIOS.items()))
+def test_finetune_parameters_reproduce_the_scenario_defaults(name: str, scenario: str) -> None:
+    from tasks.config import FinetuneConfig
+
+    deployment = DEPLOYMENTS[name]
+    assert deployment["entrypoint"] == "flows/finetune.py:finetune"
+    config = FinetuneConfig.model_validate(deployment["parameters"]["config"])
+    assert config == FinetuneConfig.for_scenario(scenario)
+
+
+def test_monitor_runs_every_15_minutes() -> None:
+    monitor = DEPLOYMENTS["finance-monitor"]
+    assert monitor["entrypoint"] == "flows/monitor.py:monitor"
+    intervals = [s["interval"] for s in monitor["schedules"] if "interval" in s and s.get("active", True)]
+    assert [dt.timedelta(seconds=i) for i in intervals] == [dt.timedelta(minutes=15)]
+    assert monitor["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_work_pools_and_schedules_come_from_definitions() -> None:
+    pools = SPEC["definitions"]["work_pools"]
+    schedules = list(SPEC["definitions"]["schedules"].values())
+    for deployment in SPEC["deployments"]:
+        pool = deployment["work_pool"]
+        assert pool["name"] in {p["name"] for p in pools.values()}, f"{deployment['name']}: unknown work pool"
+        assert pool in pools.values(), f"{deployment['name']}: work pool not taken from definitions"
+        for schedule in deployment.get("schedules") or []:
+            assert schedule in schedules, f"{deployment['name']}: schedule not taken from definitions"
+
+
+def test_runs_start_in_the_worker_directory() -> None:
+    (step,) = SPEC["pull"]
+    assert step == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
