@@ -67,19 +67,25 @@ def test_split(seed: int) -> tuple[list[str], list[str]]:
 
 
 def from_registry(uri: str, tracking_uri: str | None, work: Path) -> tuple[Path, Path]:
-    """(checkpoint folder, model.onnx) of a registered version, downloaded into ``work``."""
+    """(checkpoint folder, model.onnx) of a registered version, downloaded into ``work``.
+
+    The pyfunc's MLmodel maps each artifact key (``hf_model``, ``onnx_model``) to where MLflow put it.
+    """
     import mlflow
+    import yaml
 
     from tasks.model_source import HF_SUBDIR
+    from tasks.serving import ONNX_ARTIFACT
     from tasks.settings import get_settings
 
     mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or get_settings().tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(work / "registered")))
-    checkpoints = [d for d in (local / "artifacts" / HF_SUBDIR, local / HF_SUBDIR) if d.is_dir()]
-    graphs = sorted(p for p in local.rglob("model.onnx") if HF_SUBDIR not in p.relative_to(local).parts)
-    if not checkpoints or not graphs:
-        raise SystemExit(f"{uri} holds no {HF_SUBDIR}/ checkpoint and model.onnx (downloaded to {local})")
-    return checkpoints[0], graphs[0]
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
+    artifacts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    missing = [key for key in (HF_SUBDIR, ONNX_ARTIFACT) if key not in artifacts]
+    if missing:
+        raise SystemExit(f"{uri} has no artifact(s) {missing} (it has {sorted(artifacts)}); was it made by finetune?")
+    return local / artifacts[HF_SUBDIR]["path"], local / artifacts[ONNX_ARTIFACT]["path"]
 
 
 def export(model_dir: Path, work: Path, max_length: int) -> Path:

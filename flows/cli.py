@@ -72,6 +72,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from tasks.config import parse_overrides, validated
+    from tasks.monitoring import MonitorConfig
+
+    config = validated(MonitorConfig, {"source": args.source, **parse_overrides(args.set or [])})
+    _prepare_environment()
+    from flows.monitor import monitor
+
+    summary = monitor(config)
+    out = sys.stdout
+    out.write("\n=== finetune-flows: monitor run complete ===\n")
+    out.write(f"records          : {summary.records_read} read, {summary.bad_records} bad, ")
+    out.write(f"{summary.new_records} new, {summary.duplicates_skipped} already stored\n")
+    out.write(f"model version    : {config.model_name} v{summary.model_version} (@{config.alias})\n")
+    out.write(f"alerts           : {len(summary.alerts)}\n")
+    for alert in summary.alerts:
+        out.write(
+            f"  ALERT {alert.topic}: negative share {alert.share:.0%} in {alert.window_start:%Y-%m-%d %H:%M}"
+            f"-{alert.window_end:%H:%M} UTC ({alert.volume} texts; baseline {alert.baseline_mean:.0%})\n"
+        )
+    out.write(f"trend plot       : {summary.trend_png}\n")
+    if summary.bad_records:
+        out.write(f"error report     : {summary.error_report}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-flows", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. training.epochs=2"
     )
     run.set_defaults(func=cmd_run)
+    watch = commands.add_parser("monitor", help="score new texts with the champion and alert on negative spikes")
+    watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")
+    watch.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. window_minutes=30")
+    watch.set_defaults(func=cmd_monitor)
     return parser
 
 

@@ -9,7 +9,7 @@ overrides such as ``training.epochs=2``.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -200,14 +200,21 @@ class FinetuneConfig(_Frozen):
         }
         for key, value in (overrides or {}).items():
             _set_dotted(values, key, value)
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"invalid configuration: {problems}") from exc
+        return validated(cls, values)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], values: dict[str, Any]) -> M:
+    """``model`` built from ``values``; every problem reported at once as a ``ConfigError``."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

@@ -31,6 +31,7 @@ from tasks.tracking import RunInfo
 logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+HEADLINE = ("accuracy", "macro_f1")  # metrics copied to version tags, for the registry's list view
 
 
 class RegisterResult(BaseModel):
@@ -192,6 +193,8 @@ def register_version(
         "tokenizer_hash": tokens.tokenizer_hash,
         "onnx_max_abs_logit_diff": f"{exported.max_abs_diff:.3g}",
         "run_dir": run.run_dir,
+        **{f"eval.{k}": f"{evaluation.metrics[k]:.4f}" for k in HEADLINE},
+        **{f"test.{k}": f"{(evaluation.test_metrics or {})[k]:.4f}" for k in HEADLINE if evaluation.test_metrics},
     }
     with mlflow.start_run(run_id=run.run_id):
         mlflow.set_tags({k: v for k, v in tags.items() if k != "run_dir"})

@@ -6,7 +6,8 @@ Parquet because deduplication is then the database's job: ``INSERT OR IGNORE`` a
 primary key inside one transaction, so re-running a batch never counts a record twice, a crashed
 run leaves nothing half-written, and two runs at once queue on the write lock instead of racing
 between "read the stored keys" and "write a new part file". Windows are a ``GROUP BY`` over an
-index on the timestamp. A record keeps the label, score and topic of its first scoring.
+index on the timestamp. A record keeps the label, score, topic and model version of its first
+scoring. Parquet stays the hand-over format between tasks (the batch, the scored batch, the trend).
 
 Windows are ``window_minutes`` long and aligned to the Unix epoch. A window's negative share is
 the share of its records labelled ``negative``.
@@ -19,8 +20,11 @@ Spike rule, for a window w of topic t that gained new records in this run:
   The margin (default 0.1) rules out alerts on a flat or near-flat baseline, where the std is 0
   and one more negative text would otherwise be a spike: on a baseline of all zeros, a window of
   ten texts with one negative (share 0.1) does not alert.
-Only windows that gained new records are judged, so replaying a batch raises no alert twice;
-the trend (the table and plot) covers the batch's windows and the N before them.
+Only windows that gained new records in this run are judged, so replaying a batch raises no
+alert twice (a later batch adding records to a window judges it again). A late record in an older
+window changes the baselines of later windows without re-judging them. The trend (table and
+plot) covers the batch's windows and the N before them; the plot rings every spike among the
+batch's windows, so a replay draws the same plot.
 """
 
 from __future__ import annotations
@@ -42,18 +46,8 @@ from tasks.monitoring import MonitorConfig, ScoredBatch
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = (
-    "text_sha256",
-    "ts_us",
-    "source",
-    "timestamp",
-    "text",
-    "topic",
-    "label",
-    "score",
-    "model_version",
-    "batch_id",
-)
+KEY = ["text_sha256", "ts_us", "source"]
+COLUMNS = [*KEY, "timestamp", "text", "topic", "label", "score", "model_version", "batch_id"]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     text_sha256 TEXT NOT NULL, ts_us INTEGER NOT NULL, source TEXT NOT NULL, timestamp TEXT NOT NULL,
@@ -148,7 +142,7 @@ def store_frame(db_path: Path, scored: pd.DataFrame, model_version: str, batch_i
     """Store the records whose key is not stored yet, in one transaction; the windows that gained records."""
     rows = scored.assign(
         timestamp=scored["timestamp"].map(lambda t: t.isoformat()), model_version=model_version, batch_id=batch_id
-    )[list(COLUMNS)]
+    )[COLUMNS]
     values = list(zip(*(rows[c].tolist() for c in COLUMNS), strict=True))
     with closing(connect(db_path)) as con:
         con.execute("BEGIN IMMEDIATE")  # the write lock first: no other run stores between our check and insert
@@ -166,7 +160,7 @@ def store_frame(db_path: Path, scored: pd.DataFrame, model_version: str, batch_i
         except BaseException:
             con.execute("ROLLBACK")
             raise
-    new = new.drop_duplicates(["text_sha256", "ts_us", "source"])
+    new = new.drop_duplicates(KEY)
     width = window_us(minutes)
     touched = {
         TopicWindow(topic=t, window=w // width) for t, w in zip(new["topic"], new["ts_us"].tolist(), strict=True)
@@ -250,8 +244,8 @@ def negative_examples(db_path: Path, alert: Alert, limit: int) -> list[str]:
     return [r[0] for r in rows]
 
 
-def plot_trend(trend: pd.DataFrame, alerts: list[Alert], path: Path) -> Path:
-    """Negative share per topic over the windows, alerts marked in red (matplotlib, Agg)."""
+def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path) -> Path:
+    """Negative share per topic over the windows, spikes ringed in red (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,9 +254,9 @@ def plot_trend(trend: pd.DataFrame, alerts: list[Alert], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4))
     for topic, group in trend.groupby("topic"):
         ax.plot(group["window_start"], group["share"], marker="o", label=str(topic))
-    if alerts:
-        spikes = pd.DataFrame([a.model_dump() for a in alerts])
-        ax.scatter(spikes["window_start"], spikes["share"], s=160, facecolors="none", edgecolors="red", label="spike")
+    if spikes:
+        ring = pd.DataFrame([a.model_dump() for a in spikes])
+        ax.scatter(ring["window_start"], ring["share"], s=160, facecolors="none", edgecolors="red", label="spike")
     ax.set(ylabel="negative share", xlabel="window start (UTC)", ylim=(-0.02, 1.02), title="Negative share per topic")
     ax.legend(loc="upper left", fontsize="small")
     fig.autofmt_xdate()
@@ -344,7 +338,16 @@ def detect_spikes(trend: TrendResult, stored: StoreResult, config: MonitorConfig
 def report(trend: TrendResult, alerts: list[Alert], config: MonitorConfig) -> ReportResult:
     """Trend plot, alert artifact, and one ``finance.negative_spike`` Prefect event per alert."""
     frame = pd.read_parquet(trend.trend_path)
-    png = plot_trend(frame, alerts, config.store_path() / "reports" / f"trend-{trend.batch_id}.png")
+    # The plot rings every spike of the batch's windows (not only this run's alerts), so a replay draws the same plot.
+    first = trend.first_window + config.baseline_windows
+    every = [
+        TopicWindow(topic=r["topic"], window=r["window_index"])
+        for r in frame.to_dict("records")
+        if r["window_index"] >= first
+    ]
+    png = plot_trend(
+        frame, find_spikes(frame, every, config), config.store_path() / "reports" / f"trend-{trend.batch_id}.png"
+    )
     create_markdown_artifact(
         key="finance-alerts", description="Negative-share spikes", markdown=alerts_markdown(alerts, png, config)
     )

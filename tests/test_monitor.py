@@ -19,6 +19,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.pyfunc import PythonModel
 from pydantic import ValidationError
 
 from plugins import DataError
@@ -42,7 +43,7 @@ def classify(text: str) -> tuple[str, str]:
     return label, topic
 
 
-class KeywordModel(mlflow.pyfunc.PythonModel):
+class KeywordModel(PythonModel):
     """A deterministic stand-in for the champion with the production output columns, topic included."""
 
     def predict(self, context: object, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -300,10 +301,13 @@ def register_keyword_model(name: str = "finance-monitoring") -> None:
 def read_artifact(key: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return str(max(found, key=lambda a: a.created).data)
+        latest = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    return str(latest[0].data)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -330,6 +334,12 @@ def test_monitor_flow_scores_stores_alerts_and_replays(state_dir: Path, tmp_path
     alerts_md = read_artifact("finance-alerts")
     assert "**banks**" in alerts_md and "2024-03-04 07:00" in alerts_md and first.trend_png in alerts_md
     assert "Bank 0 reported a loss in hour 7" in alerts_md
+    trend_table = json.loads(read_artifact("finance-trend"))
+    assert (
+        len(trend_table) == 16
+        and {"topic": "banks", "window_start": "2024-03-04 07:00"}.items() <= trend_table[7].items()
+    )
+    assert len(json.loads(read_artifact("finance-errors"))) == 6
     trend = pd.read_parquet(first.trend_path)
 
     again = monitor(config)
