@@ -188,6 +188,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def print_table(results: dict[str, Any], comparison: dict[str, float]) -> None:
+    print(f"{'variant':<10} {'texts/s':>9} {'x pytorch':>9} {'accuracy':>9} {'macro-F1':>9} {'size MB':>8}")
+    for name in VARIANTS:
+        r = results[name]
+        print(
+            f"{name:<10} {r['texts_per_s']:>9.1f} {r['speedup_vs_pytorch']:>9.2f} "
+            f"{r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['model_mb']:>8.1f}"
+        )
+    print(
+        f"int8 - fp32: accuracy {comparison['accuracy_int8_minus_fp32']:+.4f}, macro-F1 "
+        f"{comparison['macro_f1_int8_minus_fp32']:+.4f}; labels agree on "
+        f"{comparison['label_agreement_int8_vs_fp32']:.1%}; max |logit diff| fp32 vs pytorch "
+        f"{comparison['max_abs_logit_diff_fp32_vs_pytorch']:.2g}, int8 vs fp32 "
+        f"{comparison['max_abs_logit_diff_int8_vs_fp32']:.2g}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -269,22 +286,11 @@ def main() -> None:
         "max_abs_logit_diff_int8_vs_fp32": float(np.abs(logits["onnx-int8"] - logits["onnx-fp32"]).max()),
     }
 
-    print(f"\n{len(texts)} test texts ({SCENARIO}, seed {args.seed}), batch {args.batch_size}, max length "
-          f"{fp32.max_length}, {args.repeats} passes each (median), threads {args.threads or 'default'}")  # fmt: skip
-    print(f"{'variant':<10} {'texts/s':>9} {'x pytorch':>9} {'accuracy':>9} {'macro-F1':>9} {'size MB':>8}")
-    for name in VARIANTS:
-        r = results[name]
-        print(
-            f"{name:<10} {r['texts_per_s']:>9.1f} {r['speedup_vs_pytorch']:>9.2f} "
-            f"{r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['model_mb']:>8.1f}"
-        )
     print(
-        f"int8 - fp32: accuracy {comparison['accuracy_int8_minus_fp32']:+.4f}, macro-F1 "
-        f"{comparison['macro_f1_int8_minus_fp32']:+.4f}; labels agree on "
-        f"{comparison['label_agreement_int8_vs_fp32']:.1%}; max |logit diff| fp32 vs pytorch "
-        f"{comparison['max_abs_logit_diff_fp32_vs_pytorch']:.2g}, int8 vs fp32 "
-        f"{comparison['max_abs_logit_diff_int8_vs_fp32']:.2g}"
+        f"\n{len(texts)} test texts ({SCENARIO}, seed {args.seed}), batch {args.batch_size}, max length "
+        f"{fp32.max_length}, {args.repeats} passes each (median), threads {args.threads or 'default'}"
     )
+    print_table(results, comparison)
     if set(torch_labels) != set(gold):
         print(f"note: model labels {sorted(torch_labels)} differ from the test labels {sorted(set(gold))}")
 

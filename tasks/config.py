@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plugins import HEADS, SCENARIOS, ConfigError
 
@@ -178,6 +178,22 @@ class FinetuneConfig(_Frozen):
     def experiment_name(self) -> str:
         return self.registration.experiment or f"finetune-{self.scenario}"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scenario_defaults(cls, data: Any) -> Any:
+        """Fields left out take the scenario's defaults (a deployment or API call may give only a few)."""
+        if not isinstance(data, dict):
+            return data
+        scenario = data.get("scenario", "sentiment")
+        if scenario not in SCENARIOS.names():
+            return data  # the field validator reports it
+        merged = dict(data)
+        for section, defaults in scenario_defaults(scenario).items():
+            given = merged.get(section, {})
+            if isinstance(given, dict):
+                merged[section] = {**defaults, **given}
+        return merged
+
     @classmethod
     def for_scenario(cls, scenario: str, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
         """The scenario's defaults, then ``overrides`` (dotted keys, e.g. ``training.epochs``)."""
@@ -185,22 +201,26 @@ class FinetuneConfig(_Frozen):
             raise ConfigError(f"unknown scenario {scenario!r}; registered scenarios: {SCENARIOS.names()}")
         if "scenario" in (overrides or {}):
             raise ConfigError("choose the scenario by name, not with an override: its defaults would not apply")
-        d = SCENARIOS.get(scenario).defaults
-        values: dict[str, Any] = {
-            "scenario": scenario,
-            "model": {"source": d.model, "max_length": d.max_length},
-            "data": {"eval_fraction": d.eval_fraction, "test_fraction": d.test_fraction},
-            "training": {
-                "epochs": d.epochs,
-                "batch_size": d.batch_size,
-                "learning_rate": d.learning_rate,
-                "warmup_ratio": d.warmup_ratio,
-                "weight_decay": d.weight_decay,
-            },
-        }
+        values: dict[str, Any] = {"scenario": scenario}
         for key, value in (overrides or {}).items():
             _set_dotted(values, key, value)
         return validated(cls, values)
+
+
+def scenario_defaults(scenario: str) -> dict[str, dict[str, Any]]:
+    """A scenario's recommended values, by config section."""
+    d = SCENARIOS.get(scenario).defaults
+    return {
+        "model": {"source": d.model, "max_length": d.max_length},
+        "data": {"eval_fraction": d.eval_fraction, "test_fraction": d.test_fraction},
+        "training": {
+            "epochs": d.epochs,
+            "batch_size": d.batch_size,
+            "learning_rate": d.learning_rate,
+            "warmup_ratio": d.warmup_ratio,
+            "weight_decay": d.weight_decay,
+        },
+    }
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -74,17 +74,18 @@ def _check_folder(folder: Path, source: str) -> Path:
 
 def _from_registry(uri: str, download_dir: Path) -> Path:
     import mlflow
+    from mlflow.models import Model
 
     target = download_dir / "warm_start"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except Exception as exc:
         raise ConfigError(f"model source {uri!r} could not be fetched from MLflow: {exc}") from exc
-    candidates = [local / "artifacts" / HF_SUBDIR, local / HF_SUBDIR]
-    for folder in candidates:
-        if folder.is_dir():
-            return _check_folder(folder, uri)
-    raise ConfigError(f"model source {uri!r} holds no Hugging Face checkpoint ({HF_SUBDIR}/); was it made here?")
+    # The pyfunc's MLmodel file maps each artifact key to where MLflow stored it.
+    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
+    if HF_SUBDIR not in artifacts:
+        raise ConfigError(f"model source {uri!r} holds no Hugging Face checkpoint ({HF_SUBDIR!r}); was it made here?")
+    return _check_folder(local / artifacts[HF_SUBDIR]["path"], uri)
 
 
 def _from_hub(repo_id: str, download_dir: Path) -> Path:

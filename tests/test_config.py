@@ -28,7 +28,7 @@ DEFAULT_PATHS = {
 }
 
 
-def _at(config: BaseModel, path: tuple[str, str]) -> Any:
+def _at(config: Any, path: tuple[str, str]) -> Any:
     section, field = path
     return getattr(getattr(config, section), field)
 
@@ -50,7 +50,11 @@ def test_for_scenario_takes_every_scenario_default() -> None:
 def test_scenario_defaults_differ_from_the_model_defaults() -> None:
     """Guards the test above: sentiment's defaults must not equal the plain field defaults,
     or taking them would be indistinguishable from ignoring them."""
-    plain = FinetuneConfig()
+    from types import SimpleNamespace
+
+    from tasks.config import DataConfig, ModelConfig, TrainingConfig
+
+    plain = SimpleNamespace(data=DataConfig(), model=ModelConfig(), training=TrainingConfig())
     defaults = SentimentScenario.defaults
     differing = [n for n, path in DEFAULT_PATHS.items() if _at(plain, path) != getattr(defaults, n)]
     assert differing
@@ -104,7 +108,7 @@ def test_parse_overrides_rejects_a_pair_without_key(pair: str) -> None:
 
 
 def test_override_into_a_value_is_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"cannot set 'training\.epochs\.x': 'epochs' is not a section"):
+    with pytest.raises(ConfigError, match=r"training\.epochs: Input should be a valid number \(got \{'x': '1'\}\)"):
         FinetuneConfig.for_scenario("sentiment", {"training.epochs.x": "1"})
 
 
@@ -243,3 +247,16 @@ def test_schema_check_catches_what_it_guards_against() -> None:
     assert "Inner/properties/options: object without properties" in problems
     assert "Inner/properties/options: free-form additionalProperties" in problems
     assert "Inner.anything: no type (Any)" in problems
+
+
+def test_a_partial_config_takes_the_scenarios_defaults() -> None:
+    """A deployment or API call that names only the scenario gets that scenario's defaults."""
+    from plugins.scenarios.finance import FinanceScenario
+
+    partial = FinetuneConfig.model_validate({"scenario": "finance-monitoring", "training": {"epochs": 2}})
+    defaults = FinanceScenario.defaults
+    assert partial.training.epochs == 2  # given
+    assert partial.training.learning_rate == defaults.learning_rate  # not given: the scenario's
+    assert partial.data.test_fraction == defaults.test_fraction
+    assert partial.model.max_length == defaults.max_length
+    assert partial == FinetuneConfig.for_scenario("finance-monitoring", {"training.epochs": "2"})

@@ -24,8 +24,6 @@ def load_flow(deployment: dict[str, Any]) -> Any:
     from prefect.flows import Flow, load_flow_from_entrypoint
 
     path, _, function = deployment["entrypoint"].partition(":")
-    if path == "flows/monitor.py" and not (ROOT / path).is_file():
-        pytest.skip("flows/monitor.py is not written yet")
     assert (ROOT / path).is_file(), f"{deployment['name']}: entrypoint file {path} does not exist"
     flow = load_flow_from_entrypoint(f"{ROOT / path}:{function}")
     assert isinstance(flow, Flow), f"{deployment['entrypoint']} is not a Prefect flow"
@@ -70,6 +68,13 @@ def test_monitor_runs_every_15_minutes() -> None:
     intervals = [s["interval"] for s in monitor["schedules"] if "interval" in s and s.get("active", True)]
     assert [dt.timedelta(seconds=i) for i in intervals] == [dt.timedelta(minutes=15)]
     assert monitor["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_monitor_scores_the_model_that_finance_finetune_registers() -> None:
+    from tasks.config import FinetuneConfig
+
+    finetune = FinetuneConfig.model_validate(DEPLOYMENTS["finance-finetune"]["parameters"]["config"])
+    assert DEPLOYMENTS["finance-monitor"]["parameters"]["config"]["model_name"] == finetune.model_name
 
 
 def test_work_pools_and_schedules_come_from_definitions() -> None:
