@@ -24,12 +24,38 @@ TOKENIZER_ARTIFACT = "tokenizer_json"
 TOPIC_ARTIFACT = "topic_encoder"  # a folder: encoder.onnx, tokenizer.json, topics.json
 
 
+def load_tokenizer(path: str | Path, max_length: int) -> Any:
+    """A ``tokenizers`` tokenizer that truncates at ``max_length`` and does not pad (we pad per batch).
+
+    Some ``tokenizer.json`` files carry fixed padding (all-MiniLM-L6-v2's pads to 128): it is turned off.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(max_length)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def padded_inputs(tokenizer: Any, texts: list[str], input_names: list[str]) -> dict[str, np.ndarray]:
+    """The ONNX graph's int64 inputs for ``texts``, zero-padded to the longest text in the batch."""
+    encodings = tokenizer.encode_batch(texts)
+    width = max(len(e.ids) for e in encodings)
+    batch = {name: np.zeros((len(texts), width), dtype=np.int64) for name in input_names}
+    for row, enc in enumerate(encodings):
+        n = len(enc.ids)
+        batch["input_ids"][row, :n] = enc.ids
+        batch["attention_mask"][row, :n] = enc.attention_mask
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][row, :n] = enc.type_ids
+    return batch
+
+
 class OnnxTextClassifier:
     """Tokenize with the model's own ``tokenizer.json`` and run the ONNX graph on onnxruntime."""
 
     def __init__(self, onnx_path: str | Path, tokenizer_path: str | Path, threads: int = 0) -> None:
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         options = ort.SessionOptions()
         if threads:
@@ -41,22 +67,11 @@ class OnnxTextClassifier:
         self.max_length = int(meta["max_length"])
         self.tokenizer_hash = meta.get("tokenizer_hash", "")
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.no_padding()
+        self.tokenizer = load_tokenizer(tokenizer_path, self.max_length)
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Token ids for ``texts``, padded to the longest in the batch."""
-        encodings = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        batch = {name: np.zeros((len(texts), width), dtype=np.int64) for name in self.input_names}
-        for row, enc in enumerate(encodings):
-            n = len(enc.ids)
-            batch["input_ids"][row, :n] = enc.ids
-            batch["attention_mask"][row, :n] = enc.attention_mask
-            if "token_type_ids" in batch:
-                batch["token_type_ids"][row, :n] = enc.type_ids
-        return batch
+        return padded_inputs(self.tokenizer, texts, self.input_names)
 
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Raw logits, computed in batches of similar length (results in input order)."""

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from plugins import ConfigError
+from tasks.serving import load_tokenizer, padded_inputs
 
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_TOP_K = 2  # score = mean of the 2 best similarities to a topic's references; see bench/topic_eval.py
@@ -117,7 +118,6 @@ class SentenceEncoder:
     ) -> None:
         """``max_length`` None: the graph's ``max_length`` metadata, else ``DEFAULT_MAX_LENGTH`` tokens."""
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         options = ort.SessionOptions()
         if threads:
@@ -134,22 +134,11 @@ class SentenceEncoder:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.max_length = max_length or int(meta.get("max_length", DEFAULT_MAX_LENGTH))
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json_path))
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.no_padding()
+        self.tokenizer = load_tokenizer(tokenizer_json_path, self.max_length)
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         """The graph's inputs for ``texts``, padded to the longest text in the batch."""
-        encodings = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        batch = {name: np.zeros((len(texts), width), dtype=np.int64) for name in self.input_names}
-        for row, enc in enumerate(encodings):
-            n = len(enc.ids)
-            batch["input_ids"][row, :n] = enc.ids
-            batch["attention_mask"][row, :n] = enc.attention_mask
-            if "token_type_ids" in batch:
-                batch["token_type_ids"][row, :n] = enc.type_ids
-        return batch
+        return padded_inputs(self.tokenizer, texts, self.input_names)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """One unit-length row per text, in input order; batches group texts of similar length."""
