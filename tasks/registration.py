@@ -113,6 +113,8 @@ def register_model(
 
     example = ["a gorgeous, witty film"]
     out_example = pd.DataFrame({"label": [labels[0]], "score": [1.0], **{f"prob_{x}": [0.5] for x in labels}})
+    if topic_encoder:
+        out_example["topic"] = ["other"]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -1,0 +1,52 @@
+"""The finetune flow for a scenario with a topic taxonomy: the sentence encoder is exported,
+parity-checked and registered with the classifier, and the pyfunc returns a topic per text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from flows.finetune import finetune
+from tasks.config import FinetuneConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+SENTENCES = {
+    "negative": ["Operating profit fell sharply", "The company will cut 200 jobs", "Net sales decreased"],
+    "neutral": ["The annual meeting is held in May", "The company is based in Helsinki", "The report is out"],
+    "positive": ["Operating profit rose clearly", "Orders grew by a third", "Net sales increased strongly"],
+}
+
+
+def test_finance_flow_registers_the_topic_encoder(state_dir, tiny_model_dir, tmp_path: Path) -> None:
+    rows = [
+        (f"{text} in quarter {q} of {year}", label)
+        for label, texts in SENTENCES.items()
+        for text in texts
+        for q in range(1, 5)
+        for year in range(2001, 2013)
+    ]  # 432 rows: train + eval still hold the 256 texts of the parity gates
+    train = tmp_path / "news.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(train, index=False)
+    config = FinetuneConfig.for_scenario(
+        "finance-monitoring",
+        {"model.source": str(tiny_model_dir), "data.train_path": str(train), "training.max_steps": "1"},
+    )
+    summary = finetune(config)
+    assert summary.aliases == ["challenger", "champion"]
+    assert "test_macro_f1" in summary.metrics  # the FinBERT-protocol test split is scored
+
+    model = mlflow.pyfunc.load_model("models:/finance-monitoring@champion")
+    scored = model.predict(["The company will cut 500 jobs in Finland", "Quarterly net profit rose 12 %"])
+    assert list(scored.columns[:2]) == ["label", "score"] and "topic" in scored.columns
+    assert list(scored["topic"]) == ["layoffs_restructuring", "earnings"]
+    artifacts = {
+        a.path
+        for a in mlflow.artifacts.list_artifacts(
+            f"models:/finance-monitoring/{summary.version}/artifacts/topic_encoder"
+        )
+    }
+    assert {"artifacts/topic_encoder/encoder.onnx", "artifacts/topic_encoder/topics.json"} <= artifacts
