@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from plugins import ConfigError, ParityError
-from tasks.export import PARITY_BATCH_SIZES
+from tasks.export import PARITY_BATCH_SIZES, save_with_metadata, trace_to_onnx
 from tasks.model_source import tokenizer_hash
 from tasks.topics import DEFAULT_MAX_LENGTH, EMBEDDING_OUTPUT, SentenceEncoder
 
@@ -73,7 +73,6 @@ def export_sentence_encoder(
     model_dir: Path, onnx_path: Path, opset: int = 18, max_length: int = DEFAULT_MAX_LENGTH
 ) -> Path:
     """Write ``model_dir``'s encoder with mean pooling and L2 normalisation as one ONNX file."""
-    import onnx
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -94,23 +93,7 @@ def export_sentence_encoder(
             hidden = self.model(**{k: v for k, v in inputs.items() if v is not None}).last_hidden_state
             return mean_pool_normalise(hidden, attention_mask)
 
-    example = tokenizer(["an example", "a longer example sentence for tracing"], padding=True, return_tensors="pt")
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    wrapper = PooledEmbedding().eval()  # eval: dropout off in the traced graph
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        wrapper,
-        (),
-        str(onnx_path),
-        kwargs={n: example[n] for n in names},
-        input_names=names,
-        dynamic_shapes={n: {0: batch, 1: seq} for n in names},
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
-    graph = onnx.load(str(onnx_path))
+    graph = trace_to_onnx(PooledEmbedding().eval(), tokenizer, names, onnx_path, opset)
     _name_output(graph.graph, EMBEDDING_OUTPUT)
     meta = {
         "max_length": str(max_length),
@@ -118,12 +101,8 @@ def export_sentence_encoder(
         "normalize": "l2",
         "embedding_dim": str(model.config.hidden_size),
         "tokenizer_hash": tokenizer_hash(model_dir),
-        "producer": "finetune-flows",
     }
-    del graph.metadata_props[:]
-    for key, value in meta.items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(onnx_path))
+    save_with_metadata(graph, meta, onnx_path)
     logger.info("encoder export: wrote %s (%.1f MB)", onnx_path, onnx_path.stat().st_size / 1e6)
     return onnx_path
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -40,9 +42,49 @@ class ExportResult(BaseModel):
     labels_agree: bool
 
 
+def trace_to_onnx(
+    wrapper: Any,
+    tokenizer: Any,
+    names: Sequence[str],
+    onnx_path: Path,
+    opset: int,
+    output_names: list[str] | None = None,
+) -> Any:
+    """Export ``wrapper`` (in eval mode: no dropout) with dynamic batch and sequence axes; returns the graph."""
+    import onnx
+    import torch
+
+    example = tokenizer(["an example", "a longer example sentence for tracing"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapper,
+        (),
+        str(onnx_path),
+        kwargs={n: example[n] for n in names},
+        input_names=list(names),
+        output_names=output_names,
+        dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    return onnx.load(str(onnx_path))
+
+
+def save_with_metadata(graph: Any, meta: dict[str, str], onnx_path: Path) -> None:
+    """Replace the graph's metadata with ``meta`` (plus the producer) and write it to ``onnx_path``."""
+    import onnx
+
+    del graph.metadata_props[:]
+    for key, value in {**meta, "producer": "finetune-flows"}.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(onnx_path))
+
+
 def export_onnx(model_dir: Path, onnx_path: Path, max_length: int, tokenizer_hash: str, opset: int = 18) -> Path:
     """Export the checkpoint at ``model_dir`` to one ONNX file with its labels in the metadata."""
-    import onnx
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -63,34 +105,13 @@ def export_onnx(model_dir: Path, onnx_path: Path, max_length: int, tokenizer_has
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             return self.model(**{k: v for k, v in inputs.items() if v is not None}).logits
 
-    example = tokenizer(["an example", "a longer example sentence for tracing"], padding=True, return_tensors="pt")
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    wrapper = LogitsOnly().eval()
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        wrapper,
-        (),
-        str(onnx_path),
-        kwargs={n: example[n] for n in names},
-        input_names=names,
-        output_names=["logits"],
-        dynamic_shapes={n: {0: batch, 1: seq} for n in names},
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
-    graph = onnx.load(str(onnx_path))
+    graph = trace_to_onnx(LogitsOnly().eval(), tokenizer, names, onnx_path, opset, output_names=["logits"])
     meta = {
         "id2label": json.dumps({str(k): v for k, v in model.config.id2label.items()}),
         "max_length": str(max_length),
         "tokenizer_hash": tokenizer_hash,
-        "producer": "finetune-flows",
     }
-    del graph.metadata_props[:]
-    for key, value in meta.items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(onnx_path))
+    save_with_metadata(graph, meta, onnx_path)
     logger.info("export: wrote %s (%.1f MB)", onnx_path, onnx_path.stat().st_size / 1e6)
     return onnx_path
 
