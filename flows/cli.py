@@ -2,6 +2,7 @@
 
     finetune-flows plugins
     finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
+    finetune-flows up | down | status
 
 With nothing configured, Prefect and MLflow keep their state under ``.finetune-flows/``
 (see ``tasks.settings``). ``plugins`` reads entry points only and never imports torch.
@@ -98,6 +99,48 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(_: argparse.Namespace) -> int:
+    _prepare_environment()
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `up` logs to its terminal
+    from flows.services import up
+    from tasks.settings import get_settings
+
+    record, started = up(get_settings())
+    sys.stdout.write(f"{'started' if started else 'already up'} (state {record.state_dir})\n")
+    sys.stdout.write(f"Prefect UI : {record.prefect_url}\n")
+    sys.stdout.write(f"MLflow UI  : {record.mlflow_url}\n")
+    return 0
+
+
+def cmd_down(_: argparse.Namespace) -> int:
+    from flows.services import down
+    from tasks.settings import get_settings
+
+    stopped = down(get_settings())
+    sys.stdout.write(f"stopped: {', '.join(f'{s.name} (pid {s.pid})' for s in stopped)}\n" if stopped else "not up\n")
+    return 0
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    from flows.services import read_record, status
+    from tasks.settings import get_settings
+
+    found = status(get_settings())
+    if not found:
+        sys.stdout.write("not up\n")
+        return 3
+    for s in found:
+        health = "" if s.healthy is None else (" healthy" if s.healthy else " NOT healthy")
+        where = f" {s.service.url}" if s.service.url else ""
+        state = "running" if s.alive else "NOT running"
+        sys.stdout.write(f"{s.service.name:<16} pid {s.service.pid:<8} {state}{health}{where}  log {s.service.log}\n")
+    record = read_record(get_settings())
+    assert record is not None
+    ok = all(s.alive and s.healthy is not False for s in found)
+    sys.stdout.write(f"{'up' if ok else 'DEGRADED'}: Prefect UI {record.prefect_url}, MLflow UI {record.mlflow_url}\n")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-flows", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")
     watch.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. window_minutes=30")
     watch.set_defaults(func=cmd_monitor)
+    services = "the Prefect server, MLflow server and one worker per work pool (127.0.0.1)"
+    commands.add_parser("up", help=f"start {services}; register the deployments").set_defaults(func=cmd_up)
+    commands.add_parser("down", help=f"stop {services} that `up` started").set_defaults(func=cmd_down)
+    commands.add_parser("status", help="what `up` started: pids, URLs, health").set_defaults(func=cmd_status)
     return parser
 
 

@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, le=512, description="torch intra-op threads for training; 0 keeps torch's default."
     )
+    prefect_port: int = Field(
+        default=4200, ge=1024, le=65535, description="Port of the Prefect server `finetune-flows up` starts."
+    )
+    mlflow_port: int = Field(
+        default=5000, ge=1024, le=65535, description="Port of the MLflow server `finetune-flows up` starts."
+    )
+    service_timeout: float = Field(
+        default=120.0, ge=5.0, le=1800.0, description="Seconds `finetune-flows up` waits for each service's health."
+    )
 
     @cached_property
     def state(self) -> Path:

@@ -1,0 +1,137 @@
+"""``finetune-flows up / status / down`` for real: a Prefect server, an MLflow server and one worker
+per pool on free 127.0.0.1 ports, in a temporary state folder, run through the command line.
+
+One set of services serves the whole module (starting it takes 30-60 s on 2 cores); the last test
+stops it and checks that nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.services import PREFECT_YAML, ROOT, ServiceRecord, group_members, is_healthy, work_pools
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``finetune-flows ARGS`` in a subprocess, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def read_record(env: dict[str, str]) -> ServiceRecord:
+    path = Path(env["FINETUNE_FLOWS_STATE_DIR"]) / "services" / "services.json"
+    return ServiceRecord.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def service_env(state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FINETUNE_FLOWS_"))}
+    env.update(
+        FINETUNE_FLOWS_STATE_DIR=str(state),
+        FINETUNE_FLOWS_PREFECT_PORT=str(free_port()),
+        FINETUNE_FLOWS_MLFLOW_PORT=str(free_port()),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``up`` in a fresh state folder; the environment it ran with. Stopped afterwards in any case."""
+    env = service_env(tmp_path_factory.mktemp("services") / "state")
+    try:
+        result = cli(env, "up")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.startswith("started"), result.stdout
+        yield env
+    finally:
+        cli(env, "down")
+
+
+def test_status_before_up_says_not_up(tmp_path: Path) -> None:
+    result = cli(service_env(tmp_path / "state"), "status")
+    assert (result.returncode, result.stdout) == (3, "not up\n")
+
+
+def test_status_reports_every_service_running_and_healthy(services: dict[str, str]) -> None:
+    record = read_record(services)
+    assert [s.name for s in record.services] == [
+        "prefect-server",
+        "mlflow-server",
+        *(f"worker-{pool}" for pool in work_pools()),
+    ]
+    result = cli(services, "status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for service in record.services:
+        assert f"{service.name}" in result.stdout and f"pid {service.pid}" in result.stdout
+        assert Path(service.log).is_file()
+    assert result.stdout.count("running healthy") == 2
+    assert "NOT" not in result.stdout
+    assert f"up: Prefect UI {record.prefect_url}, MLflow UI {record.mlflow_url}" in result.stdout
+    assert is_healthy(f"{record.prefect_url}/api/health") and is_healthy(f"{record.mlflow_url}/health")
+
+
+def test_up_twice_starts_no_second_set(services: dict[str, str]) -> None:
+    before = read_record(services)
+    result = cli(services, "up")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("already up"), result.stdout
+    assert f"Prefect UI : {before.prefect_url}" in result.stdout
+    assert read_record(services) == before
+
+
+def test_deployments_and_pools_are_registered(services: dict[str, str]) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import WorkPoolStatus
+
+    spec = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+    expected = {d["name"]: d for d in spec["deployments"]}
+    with SyncPrefectClient(f"{read_record(services).prefect_url}/api") as client:
+        for pool in work_pools():
+            found = client.read_work_pool(pool)
+            assert (found.type, found.status) == ("process", WorkPoolStatus.READY)
+        deployments = {d.name: d for d in client.read_deployments()}
+    assert set(deployments) == set(expected)
+    for name, deployment in deployments.items():
+        assert deployment.work_pool_name == expected[name]["work_pool"]["name"]
+        assert deployment.parameters == expected[name]["parameters"]
+        schema = deployment.parameter_openapi_schema or {}
+        assert list(schema["properties"]) == ["config"], name
+        assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    training = schema_definition(deployments["sentiment-finetune"].parameter_openapi_schema, "TrainingConfig")
+    assert training["properties"]["epochs"]["exclusiveMinimum"] == 0.0
+
+
+def schema_definition(schema: dict | None, name: str) -> dict:
+    assert schema is not None
+    return dict(schema["definitions"][name])
+
+
+def test_down_stops_every_process_of_ours(services: dict[str, str]) -> None:
+    record = read_record(services)
+    assert all(group_members(s.pid) for s in record.services)
+    result = cli(services, "down")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("stopped: prefect-server"), result.stdout
+    assert [s.pid for s in record.services if group_members(s.pid)] == []
+    assert not is_healthy(f"{record.prefect_url}/api/health") and not is_healthy(f"{record.mlflow_url}/health")
+    assert (cli(services, "status").stdout, cli(services, "down").stdout) == ("not up\n", "not up\n")
