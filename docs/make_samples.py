@@ -3,6 +3,8 @@
     python docs/make_samples.py [--shared ../shared/datasets] [--sst2-rows 20000]
 
 SST-2: a seeded random sample of the training TSV (rows kept byte for byte) and all 872 dev rows.
+MovieLens: every rating of a seeded random sample of users, the movies they rated and those
+movies' tags (rows kept byte for byte, original order).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2_OUT = ROOT / "plugins" / "scenarios" / "data" / "sst2_sample"
+MOVIELENS_OUT = ROOT / "plugins" / "scenarios" / "data" / "movielens_sample"
 
 
 def sst2(shared: Path, rows: int, seed: int) -> None:
@@ -28,13 +31,40 @@ def sst2(shared: Path, rows: int, seed: int) -> None:
         print(f"{SST2_OUT / name}: sha256 {digest}")
 
 
+def _keep(lines: list[str], column: int, keep: set[str]) -> str:
+    return "".join(line for line in lines if line.split(",", 1 if column == 0 else 2)[column] in keep)
+
+
+def movielens(shared: Path, users: int, seed: int) -> None:
+    source = shared / "movielens_latest_small"
+    header, *ratings = (source / "ratings.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    all_users = sorted({line.split(",", 1)[0] for line in ratings}, key=int)
+    chosen = set(random.Random(seed).sample(all_users, users))
+    kept = [line for line in ratings if line.split(",", 1)[0] in chosen]
+    movie_ids = {line.split(",")[1] for line in kept}
+    MOVIELENS_OUT.mkdir(parents=True, exist_ok=True)
+    (MOVIELENS_OUT / "ratings.csv").write_text(header + "".join(kept), encoding="utf-8")
+    movies_header, *movies = (source / "movies.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (MOVIELENS_OUT / "movies.csv").write_text(movies_header + _keep(movies, 0, movie_ids), encoding="utf-8")
+    tags_header, *tags = (source / "tags.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (MOVIELENS_OUT / "tags.csv").write_text(tags_header + _keep(tags, 1, movie_ids), encoding="utf-8")
+    for name in ("ratings.csv", "movies.csv", "tags.csv"):
+        digest = hashlib.sha256((MOVIELENS_OUT / name).read_bytes()).hexdigest()
+        print(f"{MOVIELENS_OUT / name}: sha256 {digest}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--sst2-rows", type=int, default=20000)
+    parser.add_argument("--movielens-users", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["sst2", "movielens"], default=None)
     args = parser.parse_args()
-    sst2(args.shared, args.sst2_rows, args.seed)
+    if args.only in (None, "sst2"):
+        sst2(args.shared, args.sst2_rows, args.seed)
+    if args.only in (None, "movielens"):
+        movielens(args.shared, args.movielens_users, args.seed)
 
 
 if __name__ == "__main__":

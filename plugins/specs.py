@@ -23,6 +23,8 @@ class LabelKind(StrEnum):
 
     CATEGORICAL = "categorical"
     NUMERIC = "numeric"
+    RANKING = "ranking"
+    """(query text, item text) pairs that were liked; every other item is a negative."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from plugins.heads import softmax
 from plugins.specs import LabelKind
 
 
@@ -35,7 +36,5 @@ class SequenceClassificationHead:
 
     def predict(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Arg-max ids and softmax probabilities (computed stably in float64)."""
-        shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-        exp = np.exp(shifted)
-        probs = exp / exp.sum(axis=-1, keepdims=True)
+        probs = softmax(logits)
         return probs.argmax(axis=-1), probs
