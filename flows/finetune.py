@@ -1,6 +1,8 @@
 """Flow ``finetune``: labelled text -> fine-tuned, evaluated, ONNX-exported, registered model.
 
-Deployments reach it by entrypoint ``flows/finetune.py:finetune``.
+Deployments reach it by entrypoint ``flows/finetune.py:finetune``. The training stage is flow
+``train`` (flows/train.py): a subflow here, or a run of deployment ``training.train_on`` on
+another work pool. A failed run's state message names the stage: "stage evaluate failed: ...".
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
+from flows.train import fine_tune, hand_off_training, run_training, stage_failed, train_stage
 from tasks.config import FinetuneConfig
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model, export_topic_encoder
@@ -16,9 +19,13 @@ from tasks.model_source import fetch_model
 from tasks.registration import register_version
 from tasks.tokenization import tokenize_data
 from tasks.tracking import start_run
-from tasks.training import fine_tune
+from tasks.training import fine_tune_request
 
 HEADLINE = ("accuracy", "macro_f1", "ece")
+STAGES = (
+    start_run, ingest_data, fetch_model, tokenize_data, train_stage, fine_tune, hand_off_training,
+    evaluate_model, export_model, export_topic_encoder, register_version,
+)  # fmt: skip
 
 
 class FinetuneSummary(BaseModel):
@@ -36,16 +43,26 @@ class FinetuneSummary(BaseModel):
     reused_ingest: bool
     reused_tokens: bool
     train_seconds: float
+    reused_version: bool = False
+    """True when the version was registered by an earlier run with the same idempotency key."""
 
 
 @flow(name="finetune", log_prints=False)
 def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # noqa: B008
     """Fine-tune a text model for a scenario, evaluate it, export it to ONNX and register it."""
+    try:
+        return run_pipeline(config)
+    except Exception as exc:
+        return stage_failed(exc, STAGES)
+
+
+def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
+    """The stages in order; each passes paths and small models to the next."""
     run = start_run(config)
     data = ingest_data(config)
     base_model = fetch_model(config, run)
     tokens = tokenize_data(data, base_model, config)
-    trained = fine_tune(tokens, data, base_model, config, run)
+    trained = run_training(fine_tune_request(tokens, data, base_model, config, run), config.training.train_on)
     evaluation = evaluate_model(trained.model_dir, data, config, run)
     exported = export_model(trained.model_dir, data, tokens, config, run)
     topics = export_topic_encoder(data, config, run)
@@ -64,4 +81,5 @@ def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # n
         reused_ingest=data.cached,
         reused_tokens=tokens.cached,
         train_seconds=trained.train_seconds,
+        reused_version=registered.reused,
     )

@@ -106,6 +106,21 @@ class TrainingConfig(_Frozen):
         description="balanced: weight each class's loss by n_rows / (n_classes * n_rows_of_class).",
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Training processes (one per device) launched with torchrun; 1: train in the stage's own process.",
+    )
+    train_on: str | None = Field(
+        default=None,
+        max_length=300,
+        pattern=r"^[^/]+/[^/]+$",
+        description=(
+            "Run the training stage as deployment '<flow>/<deployment>' (e.g. 'train/sentiment-train' on the gpu "
+            "pool) and wait for it; empty: train in this flow run."
+        ),
+    )
 
 
 class EvaluationConfig(_Frozen):
@@ -129,6 +144,11 @@ class RegistrationConfig(_Frozen):
         ge=0.0,
         le=1.0,
         description="The challenger becomes champion when its metric beats the champion's by more than this.",
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        max_length=500,
+        description="If a version already carries this key (tag idempotency_key), it is returned instead of a new one.",
     )
 
 
@@ -203,7 +223,7 @@ class FinetuneConfig(_Frozen):
             raise ConfigError("choose the scenario by name, not with an override: its defaults would not apply")
         values: dict[str, Any] = {"scenario": scenario}
         for key, value in (overrides or {}).items():
-            _set_dotted(values, key, value)
+            set_dotted(values, key, value)
         return validated(cls, values)
 
 
@@ -237,7 +257,7 @@ def validated(model: type[M], values: dict[str, Any]) -> M:
         raise ConfigError(f"invalid configuration: {problems}") from exc
 
 
-def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = values
     for part in parts[:-1]:

@@ -2,10 +2,13 @@
 model version (a raw-text pyfunc running the parity-checked ONNX graph).
 
 The new version gets alias ``challenger``. Alias ``champion`` moves to it only when there is no
-champion, or when it beats the champion on the same eval set by more than the margin; the
-champion is re-scored here with its own pyfunc, so both numbers come from the same texts. The
-comparison is recorded as version tags. If tagging or aliasing fails, the new version is
-deleted again, so a failed registration leaves the registry as it was.
+champion, or when it beats the champion on the same eval set by more than the margin. All of it
+happens inside the model's promotion lock (``tasks.promotion``): the champion's metric is re-read
+there (from its tags when it was measured on the same eval set, else re-scored with its own
+pyfunc), so both numbers come from the same texts and two runs finishing together cannot both
+promote. A version already tagged with the run's idempotency key is returned instead of a new
+one. The comparison is recorded as version tags. If tagging or aliasing fails, the new version
+is deleted again, so a failed registration leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict
 
@@ -24,13 +29,23 @@ from tasks.evaluation import EvalResult, classification_metrics
 from tasks.export import ExportResult, TopicEncoderResult
 from tasks.ingestion import IngestResult
 from tasks.model_source import HF_SUBDIR
+from tasks.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    KEY_TAG,
+    Candidate,
+    Decision,
+    metric_tag,
+    promote_locked,
+    promotion_lock,
+    version_with_key,
+)
 from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT, TOPIC_ARTIFACT
 from tasks.tokenization import TokenizeResult
 from tasks.tracking import RunInfo
 
 logger = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 HEADLINE = ("accuracy", "macro_f1")  # metrics copied to version tags, for the registry's list view
 
 
@@ -49,46 +64,49 @@ class RegisterResult(BaseModel):
     champion_metric: float | None
     run_id: str
     model_uri: str
+    reused: bool = False
+    """True when an earlier run registered this version under the same idempotency key."""
 
 
 def champion_metric_on(
-    model_name: str, eval_dataset: Path, labels: list[str], primary_metric: str
-) -> tuple[str | None, float | None, str]:
-    """(version, metric, note) of the current champion scored on this eval set; (None, None, note) if none."""
+    model_name: str, version: str, eval_dataset: Path, labels: list[str], primary_metric: str
+) -> tuple[float | None, str]:
+    """(metric, note) of champion ``version`` re-scored with its own pyfunc on this eval set."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        return None, None, "no champion yet"
-    champion = mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
+    champion = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
     frame = pd.read_parquet(eval_dataset / "eval.parquet")
     predicted = champion.predict(pd.DataFrame({"text": frame["text"]}))
     champion_labels = [c.removeprefix("prob_") for c in predicted.columns if c.startswith("prob_")]
     if champion_labels != labels:
-        return (
-            str(version.version),
-            None,
-            f"champion labels {champion_labels} differ from {labels}; not comparable",
-        )
+        return None, f"champion labels {champion_labels} differ from {labels}; not comparable"
     index = {label: i for i, label in enumerate(labels)}
     pred_ids = predicted["label"].map(index).to_numpy()
     probs = predicted[[f"prob_{label}" for label in labels]].to_numpy()
     metrics = classification_metrics(frame["label_id"].to_numpy(), pred_ids, probs, labels)
-    return str(version.version), float(metrics[primary_metric]), "scored on the same eval set"
+    return float(metrics[primary_metric]), "re-scored on the same eval set"
 
 
-def decide(challenger: float, champion: float | None, margin: float, note: str) -> tuple[bool, str]:
-    """Promote when there is no comparable champion metric, or the challenger beats it by more than ``margin``."""
-    if champion is None:
-        if "not comparable" in note:
-            return False, f"kept champion: {note}"
-        return True, "promoted: no champion yet"
-    if challenger > champion + margin:
-        return True, f"promoted: {challenger:.4f} > champion {champion:.4f} + margin {margin:g}"
-    return False, f"kept champion: {challenger:.4f} <= champion {champion:.4f} + margin {margin:g}"
+def reused_version(client: Any, model_name: str, existing: Any, primary_metric: str, key: str) -> RegisterResult:
+    """The result for a version an earlier run registered under the same idempotency key."""
+    tags = dict(existing.tags or {})
+    version = str(existing.version)
+    champion = tags.get("champion.version", "none")
+    champion_value = tags.get(f"champion.{primary_metric}", "none")
+    logger.info("register: %s v%s exists for key %r; not registering again", model_name, version, key)
+    return RegisterResult(
+        model_name=model_name,
+        version=version,
+        aliases=sorted(client.get_model_version(model_name, version).aliases),
+        promoted=False,
+        decision=f"reused: version {version} was registered for this key already ({tags.get('promotion.decision')})",
+        challenger_metric=float(tags.get(metric_tag(primary_metric), "nan")),
+        champion_version=None if champion == "none" else champion,
+        champion_metric=None if champion_value == "none" else float(champion_value),
+        run_id=str(existing.run_id),
+        model_uri=f"models:/{model_name}/{version}",
+        reused=True,
+    )
 
 
 def register_model(
@@ -103,13 +121,38 @@ def register_model(
     margin: float,
     tags: dict[str, str],
     topic_encoder: Path | None = None,
+    idempotency_key: str | None = None,
 ) -> RegisterResult:
-    """Log the pyfunc to ``run_id``, register it, tag the evidence and move aliases."""
+    """Log the pyfunc to ``run_id``, register it, tag the evidence and move aliases, all inside the model's
+    promotion lock; a version already carrying ``idempotency_key`` is returned instead of a new one."""
+    with promotion_lock(model_name):
+        return _register_locked(
+            run_id, model_name, onnx_path, model_dir, eval_dataset, labels, primary_metric,
+            challenger_metric, margin, tags, topic_encoder, idempotency_key,
+        )  # fmt: skip
+
+
+def _register_locked(
+    run_id: str,
+    model_name: str,
+    onnx_path: Path,
+    model_dir: Path,
+    eval_dataset: Path,
+    labels: list[str],
+    primary_metric: str,
+    challenger_metric: float,
+    margin: float,
+    tags: dict[str, str],
+    topic_encoder: Path | None,
+    idempotency_key: str | None,
+) -> RegisterResult:
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    champion_version, champion_value, note = champion_metric_on(model_name, eval_dataset, labels, primary_metric)
-    promote, decision = decide(challenger_metric, champion_value, margin, note)
+    client = mlflow.MlflowClient()
+    if idempotency_key and (existing := version_with_key(client, model_name, idempotency_key)) is not None:
+        return reused_version(client, model_name, existing, primary_metric, idempotency_key)
 
     example = ["a gorgeous, witty film"]
     out_example = pd.DataFrame({"label": [labels[0]], "score": [1.0], **{f"prob_{x}": [0.5] for x in labels}})
@@ -130,35 +173,45 @@ def register_model(
             code_paths=[str(Path(__file__).parent)],
             pip_requirements=["onnxruntime", "tokenizers", "pandas", "numpy", "mlflow"],
         )
-    client = mlflow.MlflowClient()
+    try:
+        previous_champion: str | None = str(client.get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:
+        previous_champion = None
     registered = mlflow.register_model(info.model_uri, model_name)
     version = str(registered.version)
+    candidate = Candidate(
+        model_name=model_name,
+        version=version,
+        primary_metric=primary_metric,
+        metric=challenger_metric,
+        eval_hash=tags.get("eval_hash", ""),
+        margin=margin,
+    )
     evidence: dict[str, Any] = {
         **tags,
+        **({KEY_TAG: idempotency_key} if idempotency_key else {}),
         "primary_metric": primary_metric,
-        f"challenger.{primary_metric}": f"{challenger_metric:.6f}",
-        "champion.version": champion_version or "none",
-        f"champion.{primary_metric}": "none" if champion_value is None else f"{champion_value:.6f}",
-        "promotion.margin": f"{margin:g}",
-        "promotion.decision": decision,
+        metric_tag(primary_metric): f"{challenger_metric:.6f}",
     }
-    moved_champion = False
+    decision: Decision | None = None
     try:
         for key, value in evidence.items():
             client.set_model_version_tag(model_name, version, key, str(value))
         client.set_registered_model_alias(model_name, CHALLENGER, version)
-        if promote:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
-            moved_champion = True
+
+        def rescore(champion: str) -> tuple[float | None, str]:
+            return champion_metric_on(model_name, champion, eval_dataset, labels, primary_metric)
+
+        decision = promote_locked(client, candidate, rescore)
         result = RegisterResult(
             model_name=model_name,
             version=version,
             aliases=sorted(client.get_model_version(model_name, version).aliases),
-            promoted=promote,
-            decision=decision,
+            promoted=decision.promoted,
+            decision=decision.decision,
             challenger_metric=challenger_metric,
-            champion_version=champion_version,
-            champion_metric=champion_value,
+            champion_version=decision.champion_version,
+            champion_metric=decision.champion_metric,
             run_id=run_id,
             model_uri=f"models:/{model_name}/{version}",
         )
@@ -166,13 +219,14 @@ def register_model(
         # Deleting the version drops its aliases too; the champion alias never left the old version
         # unless this very step moved it, in which case it is put back.
         client.delete_model_version(model_name, version)
-        if champion_version is not None and moved_champion:
-            client.set_registered_model_alias(model_name, CHAMPION, champion_version)
+        if previous_champion is not None and decision is not None and decision.promoted:
+            client.set_registered_model_alias(model_name, CHAMPION, previous_champion)
         raise PromotionError(f"registering {model_name} v{version} failed and was rolled back: {exc}") from exc
-    logger.info("register: %s version %s, aliases %s; %s", model_name, version, result.aliases, decision)
+    logger.info("register: %s version %s, aliases %s; %s", model_name, version, result.aliases, decision.decision)
     return result
 
 
+@task(name="register")
 def register_version(
     model_dir: str,
     data: IngestResult,
@@ -195,6 +249,7 @@ def register_version(
         "tokenizer_hash": tokens.tokenizer_hash,
         "onnx_max_abs_logit_diff": f"{exported.max_abs_diff:.3g}",
         "run_dir": run.run_dir,
+        "model_source": config.model.source,
         **{f"eval.{k}": f"{evaluation.metrics[k]:.4f}" for k in HEADLINE},
         **{f"test.{k}": f"{(evaluation.test_metrics or {})[k]:.4f}" for k in HEADLINE if evaluation.test_metrics},
     }
@@ -212,15 +267,32 @@ def register_version(
         config.registration.promotion_margin,
         tags,
         topic_encoder=Path(topics.folder) if topics else None,
+        idempotency_key=config.registration.idempotency_key,
     )
+    champion = "none" if result.champion_metric is None else f"{result.champion_metric:.4f}"
     create_markdown_artifact(
         key=f"{config.scenario}-registration",
         description="Registered model version and promotion decision",
         markdown=(
             f"### {result.model_name} version {result.version}\n\n"
             f"aliases: {', '.join(result.aliases) or 'none'}\n\n"
-            f"decision: {result.decision}\n\n"
-            f"MLflow: `{result.model_uri}` (run `{result.run_id}`), tracking URI `{run.tracking_uri}`"
+            f"| | version | {SCENARIOS.get(config.scenario).primary_metric} |\n|---|---|---|\n"
+            f"| challenger | {result.version} | {result.challenger_metric:.4f} |\n"
+            f"| champion before | {result.champion_version or 'none'} | {champion} |\n\n"
+            f"**decision: {result.decision}**\n\n"
+            f"MLflow: {version_link(run.tracking_uri, result.model_name, result.version)} "
+            f"(`{result.model_uri}`, run `{result.run_id}`)"
         ),
     )
     return result
+
+
+def version_link(tracking_uri: str, model_name: str, version: str) -> str:
+    """A Markdown link to the version's page in the MLflow UI (a local store: how to open it)."""
+    page = f"#/models/{quote(model_name)}/versions/{version}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"[{model_name} v{version}]({tracking_uri.rstrip('/')}/{page})"
+    return (
+        f"[{model_name} v{version}](http://127.0.0.1:5000/{page}) once "
+        f"`mlflow ui --backend-store-uri {tracking_uri}` runs"
+    )

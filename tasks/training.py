@@ -1,5 +1,10 @@
 """Stage 3, fine-tune: HF Trainer with dynamic padding, length grouping and fused AdamW.
 
+The stage takes a ``TrainRequest`` (paths, URIs and small models only), so it can run in the
+pipeline's own process, as a flow on another work pool (``flows/train.py``), or across several
+processes with torchrun (``training.processes``; DDP, gloo on CPU). ``python -m tasks.training
+request.json`` is the entry point each torchrun process runs.
+
 Early stopping on the scenario's metric, checkpoints in the run folder (never overwritten),
 bf16 autocast only where the hardware runs it fast, metrics streamed to the active MLflow run
 by Trainer's own MLflow callback, and extra callbacks (the Prefect progress artifact) passed in.
@@ -8,11 +13,12 @@ by Trainer's own MLflow callback, and extra callbacks (the Prefect progress arti
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict
 
@@ -25,6 +31,8 @@ from tasks.tokenization import TokenizeResult
 from tasks.tracking import RunInfo
 
 logger = logging.getLogger(__name__)
+
+RESULT_FILE = "train_result.json"
 
 
 class TrainResult(BaseModel):
@@ -41,6 +49,46 @@ class TrainResult(BaseModel):
     best_metric: float | None
     eval_metrics: dict[str, float]
     """The last evaluation during training (empty when training ended before the first one)."""
+    world_size: int = 1
+    """Processes that trained together (DDP); 1 without torchrun."""
+    weights_checksum: float = 0.0
+    """Sum of all final weights (float64): equal across the ranks of one DDP run, and across runs that agree."""
+
+
+class TrainRequest(BaseModel):
+    """Everything the training stage needs, as paths, URIs and small models: a deployment can take it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tokenized_dir: str
+    model_dir: str
+    head: str
+    id2label: dict[int, str]
+    training: TrainingConfig
+    primary_metric: str
+    run: RunInfo
+    progress_key: str | None = None
+
+    @property
+    def result_path(self) -> Path:
+        """Where the stage leaves its ``TrainResult`` (next to the checkpoints, on shared storage)."""
+        return Path(self.run.run_dir) / RESULT_FILE
+
+
+def fine_tune_request(
+    tokens: TokenizeResult, data: IngestResult, model_dir: str, config: FinetuneConfig, run: RunInfo
+) -> TrainRequest:
+    """The training stage's input, built from what the earlier stages returned."""
+    return TrainRequest(
+        tokenized_dir=tokens.tokenized_dir,
+        model_dir=model_dir,
+        head=config.head_name,
+        id2label=data.id2label,
+        training=config.training,
+        primary_metric=SCENARIOS.get(config.scenario).primary_metric,
+        run=run,
+        progress_key=f"{config.scenario}-training-progress",
+    )
 
 
 def bf16_is_fast() -> bool:
@@ -59,6 +107,11 @@ def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
     """n_rows / (n_classes * n_rows_of_class) for each class (sklearn's "balanced")."""
     counts = [labels.count(i) for i in range(n_classes)]
     return [len(labels) / (n_classes * count) if count else 0.0 for count in counts]
+
+
+def weights_checksum(model: Any) -> float:
+    """Sum of all parameters in float64: a cheap fingerprint to compare two trainings' weights."""
+    return float(sum(float(p.detach().double().sum()) for p in model.parameters()))
 
 
 def choose_precision(requested: Precision) -> Precision:
@@ -113,8 +166,10 @@ def train_model(
     if balanced:
         logger.info("class weights: %s", dict(zip(id2label.values(), weights.tolist(), strict=True)))
 
+    # A run folder is never reused; under torchrun every rank makes the folder (the launcher checked it was new).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = run_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=False)  # a run folder is never reused
+    checkpoints.mkdir(parents=True, exist_ok=world_size > 1)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs,
@@ -143,6 +198,7 @@ def train_model(
         seed=config.seed,
         data_seed=config.seed,
         dataloader_num_workers=0,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,  # CPU DDP
     )
     trainer = Trainer(
         model=model,
@@ -172,10 +228,11 @@ def train_model(
     last_eval = evaluations[-1] if evaluations else {}
 
     final_dir = run_dir / "model"
-    trainer.save_model(str(final_dir))
-    for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, final_dir / name)
+    trainer.save_model(str(final_dir))  # the main process writes it
+    if trainer.is_world_process_zero():
+        for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, final_dir / name)
     return TrainResult(
         model_dir=str(final_dir),
         precision=precision.value,
@@ -185,6 +242,8 @@ def train_model(
         train_samples_per_second=float(output.metrics["train_samples_per_second"]),
         best_metric=trainer.state.best_metric,
         eval_metrics={k: float(v) for k, v in last_eval.items() if isinstance(v, int | float)},
+        world_size=args.world_size,
+        weights_checksum=weights_checksum(model),
     )
 
 
@@ -213,11 +272,8 @@ def prefect_progress_callback(key: str) -> Any:
     return PrefectProgress()
 
 
-@task(name="fine-tune")
-def fine_tune(
-    tokens: TokenizeResult, data: IngestResult, model_dir: str, config: FinetuneConfig, run: RunInfo
-) -> TrainResult:
-    """Train on the tokenized data; metrics stream to the run's MLflow run as training goes."""
+def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> TrainResult:
+    """``train_model`` for a request, streaming metrics to the run's MLflow run (from the main process only)."""
     import mlflow
     import torch
 
@@ -225,24 +281,46 @@ def fine_tune(
 
     if get_settings().torch_threads:
         torch.set_num_threads(get_settings().torch_threads)
-    mlflow.set_tracking_uri(run.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id):
-        result = train_model(
-            Path(tokens.tokenized_dir),
-            Path(model_dir),
-            config.head_name,
-            data.id2label,
-            config.training,
-            Path(run.run_dir),
-            SCENARIOS.get(config.scenario).primary_metric,
-            callbacks=[prefect_progress_callback(f"{config.scenario}-training-progress")],
-            report_to_mlflow=True,
+    main_process = int(os.environ.get("RANK", "0")) == 0
+
+    def train() -> TrainResult:
+        return train_model(
+            Path(request.tokenized_dir),
+            Path(request.model_dir),
+            request.head,
+            request.id2label,
+            request.training,
+            Path(request.run.run_dir),
+            request.primary_metric,
+            callbacks=callbacks,
+            report_to_mlflow=main_process,
         )
+
+    if not main_process:
+        return train()
+    mlflow.set_tracking_uri(request.run.tracking_uri)
+    with mlflow.start_run(run_id=request.run.run_id):
+        result = train()
         mlflow.log_metrics(
-            {
-                "train_samples_per_second": result.train_samples_per_second,
-                "train_seconds": result.train_seconds,
-            }
+            {"train_samples_per_second": result.train_samples_per_second, "train_seconds": result.train_seconds}
         )
-        mlflow.set_tag("precision", result.precision)
+        mlflow.set_tags({"precision": result.precision, "world_size": str(result.world_size)})
+    request.result_path.write_text(result.model_dump_json(indent=2), encoding="utf-8")
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each torchrun process: train the request in the JSON file ``argv[0]``."""
+    # force: importing Prefect configured the root logger already; here the launcher reads stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    request = TrainRequest.model_validate_json(Path((argv or sys.argv[1:])[0]).read_text(encoding="utf-8"))
+    result = train_tracked(request)
+    logger.info(
+        "rank %s of %d: %d steps, weights checksum %.6f",
+        os.environ.get("RANK", "0"), result.world_size, result.steps, result.weights_checksum,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

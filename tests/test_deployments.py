@@ -17,6 +17,8 @@ PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
 DEPLOYMENTS: dict[str, dict[str, Any]] = {d["name"]: d for d in SPEC["deployments"]}
 FINETUNE_SCENARIOS = {"sentiment-finetune": "sentiment", "finance-finetune": "finance-monitoring"}
+RETRAIN_SCENARIOS = {"sentiment-retrain": "sentiment", "finance-retrain": "finance-monitoring"}
+TRAIN_DEPLOYMENTS = {"sentiment-train", "finance-train"}
 
 
 def load_flow(deployment: dict[str, Any]) -> Any:
@@ -33,10 +35,12 @@ def load_flow(deployment: dict[str, Any]) -> Any:
 def test_names_are_unique_and_expected() -> None:
     names = [d["name"] for d in SPEC["deployments"]]
     assert len(names) == len(set(names))
-    assert set(names) == {"sentiment-finetune", "finance-finetune", "finance-monitor"}
+    assert set(names) == {
+        "sentiment-finetune", "finance-finetune", "finance-monitor", *TRAIN_DEPLOYMENTS, *RETRAIN_SCENARIOS,
+    }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+@pytest.mark.parametrize("name", sorted(set(DEPLOYMENTS) - TRAIN_DEPLOYMENTS))
 def test_parameters_validate_against_the_flow(name: str) -> None:
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import validate
@@ -91,3 +95,34 @@ def test_work_pools_and_schedules_come_from_definitions() -> None:
 def test_runs_start_in_the_worker_directory() -> None:
     (step,) = SPEC["pull"]
     assert step == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_DEPLOYMENTS))
+def test_train_deployments_run_the_training_stage_on_the_gpu_pool(name: str) -> None:
+    from flows.train import train_stage
+
+    deployment = DEPLOYMENTS[name]
+    flow = load_flow(deployment)
+    assert flow.name == train_stage.name and deployment["entrypoint"] == "flows/train.py:train_stage"
+    assert deployment["work_pool"]["name"] == "gpu"
+    # Each run gets its TrainRequest from the finetune or retrain run that hands training over.
+    assert "parameters" not in deployment
+
+
+@pytest.mark.parametrize(("name", "scenario"), sorted(RETRAIN_SCENARIOS.items()))
+def test_retrain_deployments_are_scheduled_and_hand_training_to_the_gpu_pool(name: str, scenario: str) -> None:
+    from zoneinfo import ZoneInfo
+
+    from flows.retrain import RetrainConfig
+
+    deployment = DEPLOYMENTS[name]
+    assert deployment["entrypoint"] == "flows/retrain.py:retrain"
+    config = RetrainConfig.model_validate(deployment["parameters"]["config"])
+    assert config.scenario == scenario
+    flow_name, _, train_name = (config.train_on or "").partition("/")
+    assert flow_name == "train" and DEPLOYMENTS[train_name]["work_pool"]["name"] == "gpu"
+    assert DEPLOYMENTS[train_name]["tags"][1] == deployment["tags"][1]  # same scenario tag
+    (schedule,) = deployment["schedules"]
+    assert len(schedule["cron"].split()) == 5
+    assert ZoneInfo(schedule["timezone"])  # a real IANA time zone
+    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}

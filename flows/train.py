@@ -1,0 +1,143 @@
+"""Flow ``train``: the training stage as its own flow, so it can run on another work pool (a GPU one).
+
+``finetune`` calls it in its own process (a subflow) by default. With ``training.train_on`` set
+to a deployment ``<flow>/<deployment>`` (``train/sentiment-train`` on pool ``gpu``, see
+deployments/prefect.yaml), ``hand_off_training`` starts that deployment with
+``run_deployment``, passing only a ``TrainRequest`` (paths, URIs, small models), waits for it, and
+reads the ``TrainResult`` the stage left next to its checkpoints: so the data, the run folder
+and the MLflow store must be reachable from both workers (one machine, or shared storage).
+
+Inside the stage, ``training.processes > 1`` trains with torchrun, one process per device (DDP).
+
+Also here: ``stage_failed``, which both pipeline flows use so that a failed run's state message
+names the stage and the cause ("stage fine-tune failed: ...").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+
+from prefect import Flow, Task, flow, task
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Failed
+
+from tasks.training import TrainRequest, TrainResult, prefect_progress_callback, train_tracked
+
+logger = logging.getLogger(__name__)
+
+STAGE_ATTRIBUTE = "finetune_flows_stage"
+
+
+def failing_stage(exc: BaseException, stages: Iterable[Task[..., Any] | Flow[..., Any]]) -> str | None:
+    """The innermost of ``stages`` (tasks or flows) whose code is on ``exc``'s traceback."""
+    named = getattr(exc, STAGE_ATTRIBUTE, None)
+    if named:
+        return str(named)
+    codes = {stage.fn.__code__: stage.name for stage in stages}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found
+
+
+def stage_failed(exc: Exception, stages: Iterable[Task[..., Any] | Flow[..., Any]]) -> Any:
+    """A Failed state whose message names the stage and the cause, carrying ``exc`` itself.
+
+    A flow that returns it ends in that state (the message shows in the UI), and a caller of the
+    flow function gets ``exc`` raised, type and message unchanged.
+    """
+    stage = failing_stage(exc, stages)
+    if stage:
+        setattr(exc, STAGE_ATTRIBUTE, stage)  # an enclosing flow reports the same stage
+    where = f"stage {stage} failed" if stage else "failed"
+    return Failed(message=f"{where}: {type(exc).__name__}: {exc}", data=exc)
+
+
+def launch_distributed(request: TrainRequest) -> TrainResult:
+    """Train with ``torchrun --nproc_per_node N -m tasks.training``: one process per device, DDP.
+
+    On CPU the processes talk gloo; with GPUs each gets its own process and NCCL. Their output
+    goes to this stage's log; the main process writes the result file read here.
+    """
+    run_dir = Path(request.run.run_dir)
+    if (run_dir / "checkpoints").exists():
+        raise RuntimeError(f"{run_dir / 'checkpoints'} exists already: a run folder is never reused")
+    request_path = run_dir / "train_request.json"
+    request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={request.training.processes}", "-m", "tasks.training", str(request_path),
+    ]  # fmt: skip
+    logger.info("launching %s", " ".join(command))
+    root = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"}  # progress bars would flood the log
+    tail: list[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logger.info("torchrun: %s", line.rstrip())
+            tail = [*tail[-19:], line.rstrip()]
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"torchrun with {request.training.processes} processes exited with {proc.returncode}; last output:\n"
+            + "\n".join(tail)
+        )
+    return TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
+
+
+@task(name="fine-tune")
+def fine_tune(request: TrainRequest) -> TrainResult:
+    """Train on the tokenized data, in this process or across ``training.processes`` with torchrun."""
+    if request.training.processes > 1:
+        return launch_distributed(request)
+    callbacks = [prefect_progress_callback(request.progress_key)] if request.progress_key else []
+    return train_tracked(request, callbacks)
+
+
+@flow(name="train", log_prints=False)
+def train_stage(request: TrainRequest) -> TrainResult:
+    """Fine-tune the checkpoint at ``request.model_dir`` on the tokenized data; the model lands in the run folder."""
+    try:
+        return fine_tune(request)
+    except Exception as exc:
+        return stage_failed(exc, [fine_tune])
+
+
+@task(name="hand-off-training")
+def hand_off_training(request: TrainRequest, deployment: str) -> TrainResult:
+    """Run the training stage as ``deployment`` (another work pool), wait for it, and read its result."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    logger.info("handing training to deployment %s; waiting for its flow run", deployment)
+    try:
+        flow_run = cast(
+            FlowRun, run_deployment(name=deployment, parameters={"request": request.model_dump(mode="json")})
+        )
+    except ObjectNotFound as exc:
+        raise RuntimeError(
+            f"training.train_on={deployment!r}: no such deployment; deploy it with "
+            "`prefect deploy --all --prefect-file deployments/prefect.yaml` (e.g. train/sentiment-train)"
+        ) from exc
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(
+            f"training flow run {flow_run.name!r} ({flow_run.id}) of deployment {deployment!r} ended "
+            f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+        )
+    result = TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
+    logger.info("training flow run %s finished: %d steps, model %s", flow_run.name, result.steps, result.model_dir)
+    return result
+
+
+def run_training(request: TrainRequest, deployment: str | None) -> TrainResult:
+    """The training stage: a subflow of the calling flow run, or a run of ``deployment`` when one is named."""
+    return hand_off_training(request, deployment) if deployment else train_stage(request)
