@@ -2,6 +2,7 @@
 
     finetune-flows plugins
     finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
+    finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
     finetune-flows up | down | status
 
 With nothing configured, Prefect and MLflow keep their state under ``.finetune-flows/``
@@ -15,6 +16,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("flows.cli")
 
@@ -43,9 +46,16 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from plugins import HEADS, SCENARIOS
+    from plugins.specs import LabelKind
     from tasks.config import FinetuneConfig, parse_overrides
 
     overrides = parse_overrides(args.set or [])
+    if (
+        args.scenario in SCENARIOS.names()
+        and HEADS.get(SCENARIOS.get(args.scenario).head).label_kind is LabelKind.RANKING
+    ):
+        return _run_recommender(args.scenario, args.data, overrides)
     if args.data:
         overrides["data.train_path"] = args.data[0]
         if len(args.data) > 1:
@@ -71,6 +81,61 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"tokens {'reused' if summary.reused_tokens else 'built'}\n"
     )
     return 0
+
+
+def _run_recommender(scenario: str, data: list[str] | None, overrides: dict[str, object]) -> int:
+    from tasks.ranking_config import RecommenderConfig
+
+    if data:
+        overrides["data.path"] = data[0]
+    config = RecommenderConfig.for_scenario(scenario, overrides)
+    _prepare_environment()
+    from flows.recommender import finetune_recommender
+
+    summary = finetune_recommender(config)
+    out = sys.stdout
+    out.write("\n=== finetune-flows: recommender run complete ===\n")
+    out.write(
+        f"registered model : {summary.model_name} v{summary.version} ({', '.join(summary.aliases) or 'no alias'})\n"
+    )
+    out.write(f"promotion        : {summary.decision}\n")
+    out.write(
+        f"skipped          : {summary.skipped_rows} bad rows, {summary.skipped_users} users with too few positives\n"
+    )
+    out.write(f"training time    : {summary.train_seconds:.0f} s\n")
+    out.write(Path(summary.ranking_table).read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from tasks.config import parse_overrides, validated
+    from tasks.recommending import RecommendConfig
+
+    values = parse_overrides(args.set or [])
+    values.update({"users": args.user or [], "k": args.k})
+    if args.cold_start:
+        values["cold_start_items"] = args.cold_start
+    if args.data:
+        values["data_path"] = args.data
+    config = validated(RecommendConfig, values)
+    _prepare_environment()
+    from flows.recommend import recommend
+
+    result = recommend(config)
+    frame = _read_lists(result.output_path)
+    for user, group in list(frame.groupby("user", sort=False))[:5]:
+        sys.stdout.write(f"user {user}:\n")
+        for row in group.itertuples():
+            sys.stdout.write(f"  {row.rank:>3}. {row.score:6.2f}  {row.text}\n")
+    sys.stdout.write(f"{result.rows} rows for {result.users} users from {result.model_uri} -> {result.output_path}\n")
+    return 0
+
+
+def _read_lists(path: str) -> Any:
+    """The lists `recommend` wrote (CSV or Parquet)."""
+    import pandas as pd
+
+    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, dtype={"user": str, "item": str})
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -156,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")
     watch.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. window_minutes=30")
     watch.set_defaults(func=cmd_monitor)
+    rec = commands.add_parser("recommend", help="top-k items per user from the champion recommender")
+    rec.add_argument("--user", action="append", metavar="ID", help="a user id (repeat); default: every user")
+    rec.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    rec.add_argument("--data", metavar="FOLDER", help="interaction folder; default: the bundled MovieLens sample")
+    rec.add_argument("--cold-start", metavar="CSV", help="rank only these new items (columns item,text)")
+    rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. model_name=x")
+    rec.set_defaults(func=cmd_recommend)
     services = "the Prefect server, MLflow server and one worker per work pool (127.0.0.1)"
     commands.add_parser("up", help=f"start {services}; register the deployments").set_defaults(func=cmd_up)
     commands.add_parser("down", help=f"stop {services} that `up` started").set_defaults(func=cmd_down)

@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from plugins import ConfigError, ParityError
 from tasks.export import PARITY_BATCH_SIZES, save_with_metadata, trace_to_onnx
 from tasks.model_source import tokenizer_hash
+from tasks.ranking_config import RecommenderConfig
+from tasks.ranking_data import RankingData
 from tasks.topics import DEFAULT_MAX_LENGTH, EMBEDDING_OUTPUT, SentenceEncoder
+from tasks.tracking import RunInfo
 
 if TYPE_CHECKING:
     import onnx
@@ -137,3 +142,28 @@ def check_encoder_parity(onnx_path: Path, model_dir: Path, texts: list[str], tol
         )
     logger.info("encoder export: parity ok on %d texts in %d batches, max |diff| %.2g", len(texts), chunks, worst)
     return worst
+
+
+class EncoderExportResult(BaseModel):
+    """The exported, parity-checked encoder of a bi-encoder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    onnx_path: str
+    max_abs_diff: float
+    parity_texts: int
+
+
+@task(name="export-pair-encoder")
+def export_pair_encoder(
+    model_dir: str, data: RankingData, config: RecommenderConfig, run: RunInfo
+) -> EncoderExportResult:
+    """Export the fine-tuned encoder with its pooling and check it against PyTorch on profiles and items."""
+    folder = Path(model_dir)
+    onnx_path = export_sentence_encoder(
+        folder, Path(run.run_dir) / "encoder.onnx", opset=config.export.opset, max_length=config.model.max_length
+    )
+    half = config.export.parity_samples // 2
+    texts = [*data.frame("validation")["profile"].head(half), *data.frame("items")["text"].head(half)]
+    worst = check_encoder_parity(onnx_path, folder, texts, config.export.tolerance)
+    return EncoderExportResult(onnx_path=str(onnx_path), max_abs_diff=worst, parity_texts=len(texts))

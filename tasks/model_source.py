@@ -14,14 +14,23 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from prefect import task
 
 from plugins import ConfigError
-from tasks.config import MINILM, FinetuneConfig
+from tasks.config import MINILM, ModelConfig
 from tasks.tracking import RunInfo
 
 logger = logging.getLogger(__name__)
+
+
+class ModelChoice(Protocol):
+    """A flow parameter model with a ``model`` section (``FinetuneConfig``, ``RecommenderConfig``)."""
+
+    @property
+    def model(self) -> ModelConfig: ...
+
 
 HF_SUBDIR = "hf_model"
 TOKENIZER_FILES = (
@@ -120,7 +129,7 @@ def tokenizer_hash(folder: Path) -> str:
 
 
 @task(name="fetch-model", retries=2, retry_delay_seconds=10)
-def fetch_model(config: FinetuneConfig, run: RunInfo) -> str:
+def fetch_model(config: ModelChoice, run: RunInfo) -> str:
     """A local folder holding the pretrained (or warm-start) checkpoint."""
     folder = resolve_model_source(config.model.source, Path(run.run_dir))
     logger.info("model source %r -> %s", config.model.source, folder)

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -134,3 +134,8 @@ def clean_rows(frame: pd.DataFrame, path: Path, text_col: str, label_col: str, s
     if scenario.label_names:
         labels = labels.map(scenario.label_names)
     return pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)})
+
+
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of ``frame`` as dicts with string keys (the shape Prefect's table artifacts take)."""
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]

@@ -9,13 +9,27 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import FinetuneConfig
 from tasks.settings import get_settings
+
+
+class RunConfig(Protocol):
+    """What opening a run needs from a flow's parameter model (``FinetuneConfig``, ``RecommenderConfig``)."""
+
+    @property
+    def scenario(self) -> str: ...
+
+    @property
+    def head_name(self) -> str: ...
+
+    @property
+    def experiment_name(self) -> str: ...
+
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
 
 
 class RunInfo(BaseModel):
@@ -64,7 +78,7 @@ def new_run_dir(runs_dir: Path, scenario: str) -> Path:
     return path
 
 
-def open_run(config: FinetuneConfig, tracking_uri: str, artifact_root: str, runs_dir: Path) -> RunInfo:
+def open_run(config: RunConfig, tracking_uri: str, artifact_root: str, runs_dir: Path) -> RunInfo:
     """Create the run folder and an MLflow run tagged with the scenario and holding the config."""
     import mlflow
 
@@ -77,7 +91,7 @@ def open_run(config: FinetuneConfig, tracking_uri: str, artifact_root: str, runs
 
 
 @task(name="start-run")
-def start_run(config: FinetuneConfig) -> RunInfo:
+def start_run(config: RunConfig) -> RunInfo:
     """Open the MLflow run and the run folder that the later stages write to."""
     settings = get_settings()
     return open_run(config, settings.tracking_uri, settings.artifact_root, settings.runs_dir)

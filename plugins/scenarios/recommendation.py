@@ -26,10 +26,10 @@ class RecommendationScenario(ScenarioBase):
         DataLayout("movielens", "title", "rating", "folder: ratings.csv, movies.csv, tags.csv (optional)"),
         DataLayout("generic", "text", "rating", "folder: interactions.csv user,item,rating,timestamp; items.csv"),
     )
-    primary_metric: ClassVar[str] = "ndcg@10"
+    primary_metric: ClassVar[str] = "ndcg_at_10"
     defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults(
         model="minilm",
-        max_length=128,
+        max_length=64,
         learning_rate=5e-5,
         epochs=1.0,
         batch_size=32,
