@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +138,50 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# --- finetune-flows up / down: real services on free 127.0.0.1 ports (tests/test_services.py, test_browser.py)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def services_environment(state: Path) -> dict[str, str]:
+    """This environment without Prefect/MLflow/finetune-flows settings, plus a state folder and free ports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FINETUNE_FLOWS_"))}
+    env.update(
+        FINETUNE_FLOWS_STATE_DIR=str(state),
+        FINETUNE_FLOWS_PREFECT_PORT=str(free_port()),
+        FINETUNE_FLOWS_MLFLOW_PORT=str(free_port()),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",  # workers pick up a new run within 2 s (default 10)
+    )
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``finetune-flows ARGS`` in a subprocess from the repository root, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``finetune-flows up`` in a fresh state folder; yields the environment it ran with. ``down`` afterwards."""
+    env = services_environment(tmp_path_factory.mktemp("services") / "state")
+    try:
+        result = run_cli(env, "up")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.startswith("started"), result.stdout
+        yield env
+    finally:
+        run_cli(env, "down")
