@@ -175,9 +175,12 @@ def read_interactions(folder: Path, max_tags: int = 5) -> Interactions:
         )
     ratings, problems = validate_ratings(raw, set(items["item"]), path)
     if ratings.empty:
+        first = problems[0] if problems else None
         raise DataError(
             f"no valid interaction among {len(raw)} rows ({len(problems)} bad)",
             file=path,
-            hint=problems[0].problem + f" at row {problems[0].row}" if problems else None,
+            hint=f"First: row {first.row}, column {first.column!r}, value {first.value!r}: {first.problem}"
+            if first
+            else None,
         )
     return Interactions(ratings=ratings, items=items.reset_index(drop=True), layout=layout, problems=problems)
