@@ -127,8 +127,8 @@ def write_frame(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(path, index=False)
 
 
-def recommend_for(config: RecommendConfig, folder: Path, model_dir: Path, model_uri: str) -> RecommendResult:
-    """Score and write the lists; returns where they are."""
+def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncoder, model_uri: str) -> RecommendResult:
+    """Score with ``encoder`` (the model ``model_uri`` names) and write the lists; returns where they are."""
     started = datetime.now(UTC)
     log = read_interactions(folder)
     known = sorted(log.ratings["user"].unique())
@@ -139,7 +139,7 @@ def recommend_for(config: RecommendConfig, folder: Path, model_dir: Path, model_
     candidates = new_items(Path(config.cold_start_items)) if config.cold_start_items else log.items
     rated = log.ratings.groupby("user")["item"].apply(set)
     profiles = current_profiles(log.ratings, log.items, users, config.positive_threshold, config.profile_items)
-    lists = top_k(encoder_of(model_dir), profiles, candidates, [rated.get(u, set()) for u in users], config.k)
+    lists = top_k(encoder, profiles, candidates, [rated.get(u, set()) for u in users], config.k)
     texts = candidates.set_index("item")["text"]
     lists.insert(0, "user", [users[i] for i in lists.pop("user_index")])
     lists["text"] = lists["item"].map(texts).to_numpy()
@@ -172,7 +172,7 @@ def fetch_scorer(config: RecommendConfig) -> tuple[str, str]:
 def recommend_items(config: RecommendConfig, model_dir: str, model_uri: str) -> RecommendResult:
     """Top-k lists for the configured users, written to a file and shown as a table artifact."""
     folder = interaction_folder(config.data_path, "recommendation")
-    result = recommend_for(config, folder, Path(model_dir), model_uri)
+    result = recommend_for(config, folder, encoder_of(Path(model_dir)), model_uri)
     path = Path(result.output_path)
     head = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"user": str, "item": str})
     create_table_artifact(
