@@ -5,7 +5,7 @@ registers its deployments and records what it started in ``<state>/services/serv
 ``status`` reads that record and checks it; ``down`` stops exactly the recorded process groups.
 Each service's log is ``<state>/services/<name>.log``. Prefect's database, the MLflow store and its
 artifact folder are the state folder's own, so runs and models made by ``finetune-flows run``, by
-the workers, or by an earlier ``up`` are all found again.
+the workers, or by an earlier ``up`` are all found again. Process groups are read from /proc (Linux).
 """
 
 from __future__ import annotations
@@ -67,12 +67,8 @@ class ServiceStatus(BaseModel):
     healthy: bool | None  # None: the service has no health endpoint (a worker)
 
 
-def services_dir(settings: Settings) -> Path:
-    return settings.state / "services"
-
-
 def record_path(settings: Settings) -> Path:
-    return services_dir(settings) / "services.json"
+    return settings.state / "services" / "services.json"
 
 
 def read_record(settings: Settings) -> ServiceRecord | None:
@@ -93,28 +89,14 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, process group) of ``pid`` from /proc, or None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[2])
-
-
 def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``."""
-    if not Path("/proc").is_dir():  # no procfs (macOS): ask the kernel about the group as a whole
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
+    """Live (not zombie) processes of process group ``pgid``, as /proc lists them (Linux)."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) and stat[1] == pgid and stat[0] != "Z":
-            members.append(int(entry.name))
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # the process ended while we looked
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()  # after "pid (command)"
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(stat.parent.name))
     return members
 
 
@@ -137,14 +119,12 @@ def is_healthy(url: str | None, timeout: float = 2.0) -> bool:
 
 
 def _check_port_free(port: int, setting: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket() as sock:
         try:
             sock.bind((HOST, port))
         except OSError as exc:
-            raise ServiceError(
-                f"port {HOST}:{port} is in use ({exc.strerror}); stop what listens there or choose "
-                f"another port with {setting}"
-            ) from exc
+            message = f"port {HOST}:{port} is in use ({exc.strerror}); stop what listens there or set {setting}"
+            raise ServiceError(message) from exc
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], folder: Path) -> int:
@@ -165,9 +145,9 @@ def _wait_healthy(service: Service, deadline: float) -> None:
         if not is_alive(service.pid):
             raise ServiceError(f"{service.name} exited before it became healthy; see its log {service.log}")
         if time.monotonic() > deadline:
+            timeout = "FINETUNE_FLOWS_SERVICE_TIMEOUT"
             raise ServiceError(
-                f"{service.name} did not answer {service.health_url} in time "
-                f"(FINETUNE_FLOWS_SERVICE_TIMEOUT); see its log {service.log}"
+                f"{service.name} did not answer {service.health_url} in time ({timeout}); see {service.log}"
             )
         time.sleep(0.5)
 
@@ -248,18 +228,14 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML) -> tuple[ServiceRe
         down(settings)
     _check_port_free(settings.prefect_port, "FINETUNE_FLOWS_PREFECT_PORT")
     _check_port_free(settings.mlflow_port, "FINETUNE_FLOWS_MLFLOW_PORT")
-    folder = services_dir(settings)
+    folder = record_path(settings).parent
     folder.mkdir(parents=True, exist_ok=True)
     prefect_url, mlflow_url = f"http://{HOST}:{settings.prefect_port}", f"http://{HOST}:{settings.mlflow_port}"
     env = service_env(settings, prefect_url, mlflow_url)
-    python = sys.executable
-    record = ServiceRecord(
-        state_dir=str(settings.state),
-        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        prefect_url=prefect_url,
-        mlflow_url=mlflow_url,
-        services=[],
-    )
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    record = ServiceRecord(state_dir=str(settings.state), started_at=started_at, prefect_url=prefect_url,
+                           mlflow_url=mlflow_url, services=[])  # fmt: skip
+    prefect, mlflow = [sys.executable, "-m", "prefect"], [sys.executable, "-m", "mlflow"]
 
     def start(name: str, argv: list[str], url: str | None = None, health: str | None = None) -> Service:
         pid = _spawn(name, argv, env, folder)
@@ -269,30 +245,23 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML) -> tuple[ServiceRe
         return service
 
     try:
+        # Both servers start at once; the MLflow server reads and writes the flows' own store and artifact root.
+        prefect_argv = [*prefect, "server", "start", "--host", HOST, "--port", str(settings.prefect_port)]
+        mlflow_argv = [*mlflow, "server", "--host", HOST, "--port", str(settings.mlflow_port), "--workers", "1",
+                       "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.artifact_root,
+                       "--artifacts-destination", settings.artifact_root]  # fmt: skip
         servers = [
-            start(
-                "prefect-server",
-                [python, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(settings.prefect_port)],
-                prefect_url, f"{prefect_url}/api/health",
-            ),
-            start(
-                "mlflow-server",
-                [python, "-m", "mlflow", "server", "--host", HOST, "--port", str(settings.mlflow_port),
-                 "--workers", "1", "--backend-store-uri", settings.tracking_uri,
-                 "--default-artifact-root", settings.artifact_root, "--artifacts-destination", settings.artifact_root],
-                mlflow_url, f"{mlflow_url}/health",
-            ),
-        ]  # fmt: skip
+            start("prefect-server", prefect_argv, prefect_url, f"{prefect_url}/api/health"),
+            start("mlflow-server", mlflow_argv, mlflow_url, f"{mlflow_url}/health"),
+        ]
         deadline = time.monotonic() + settings.service_timeout
         for server in servers:
             _wait_healthy(server, deadline)
         pools = work_pools(prefect_yaml)
         _ensure_pools(prefect_url, pools)
         _deploy(env, folder, prefect_yaml, settings.service_timeout)
-        workers = {}
-        for pool in pools:
-            argv = [python, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
-            workers[pool] = start(f"worker-{pool}", [*argv, "--name", f"finetune-flows-{pool}"])
+        worker = [*prefect, "worker", "start", "--type", "process", "--pool"]
+        workers = {p: start(f"worker-{p}", [*worker, p, "--name", f"finetune-flows-{p}"]) for p in pools}
         _wait_pools_ready(prefect_url, workers, time.monotonic() + settings.service_timeout)
     except BaseException:
         down(settings)
@@ -314,7 +283,8 @@ def status(settings: Settings) -> list[ServiceStatus]:
 
 def _stop_group(service: Service, grace: float) -> None:
     """SIGTERM the service's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    if not is_alive(service.pid):
+    _reap(service.pid)
+    if not group_members(service.pid):
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from flows.services import PREFECT_YAML, ROOT, ServiceRecord, group_members, is_healthy, work_pools
+from tests.conftest import free_port, services_environment
 from tests.conftest import run_cli as cli
-from tests.conftest import services_environment
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +93,37 @@ def test_down_stops_every_process_of_ours(services: dict[str, str]) -> None:
     assert [s.pid for s in record.services if group_members(s.pid)] == []
     assert not is_healthy(f"{record.prefect_url}/api/health") and not is_healthy(f"{record.mlflow_url}/health")
     assert (cli(services, "status").stdout, cli(services, "down").stdout) == ("not up\n", "not up\n")
+
+
+def test_a_taken_port_is_named_with_the_setting_that_moves_it(tmp_path: Path) -> None:
+    import socket
+
+    from flows.services import ServiceError, read_record, up
+    from tasks.settings import Settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(state_dir=tmp_path / "state", prefect_port=port)
+        with pytest.raises(ServiceError, match=f"port 127.0.0.1:{port} is in use.*FINETUNE_FLOWS_PREFECT_PORT"):
+            up(settings)
+    assert read_record(settings) is None
+
+
+def test_a_service_that_never_answers_is_named_with_its_log(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from flows.services import Service, ServiceError, _wait_healthy
+
+    with subprocess.Popen(["sleep", "30"], start_new_session=True) as sleeper:
+        service = Service(name="mlflow-server", pid=sleeper.pid, log=str(tmp_path / "mlflow-server.log"),
+                          health_url=f"http://127.0.0.1:{free_port()}/health")  # fmt: skip
+        try:
+            with pytest.raises(
+                ServiceError, match=r"mlflow-server did not answer .*/health in time .*mlflow-server\.log"
+            ):
+                _wait_healthy(service, time.monotonic() + 1)
+        finally:
+            sleeper.kill()
