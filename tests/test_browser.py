@@ -136,7 +136,8 @@ def custom_run_from_prefect_ui(driver: Any, prefect_url: str) -> None:
     assert epochs.get_attribute("value") == "2"
     screenshot(driver, "1-prefect-custom-run-form")
     # After Submit the UI shows the deployment's runs (the new one as "Next Run" or in the list) and a toast
-    # "<name> scheduled to start now" with a "View run" button; under load it may toast an error instead.
+    # "<name> scheduled to start now" with a "View run" button. Under load Prefect's SQLite store can be busy:
+    # create_flow_run answers 503 (retryable), the UI toasts "Something went wrong", and we submit once more.
     link = f"//a[normalize-space()='{RUN_NAME}'] | //button[normalize-space()='View run']"
     oops = "//*[contains(text(), 'Something went wrong')]"
     for attempt in (1, 2):
@@ -181,7 +182,11 @@ def check_mlflow_ui(driver: Any, mlflow_url: str, version: str, run_id: str) -> 
     except TimeoutException:
         pass
     wait.until(ec.element_to_be_clickable((By.XPATH, model))).click()
-    wait.until(ec.presence_of_element_located((By.XPATH, CHAMPION)))
+    # The model's page: its versions table, where the version carries the alias.
+    row = f"//*[@role='row'][.//a[normalize-space()='Version {version}']]"
+    wait.until(ec.presence_of_element_located((By.XPATH, "//h2[starts-with(normalize-space(), 'sentiment')]")))
+    alias = wait.until(ec.presence_of_element_located((By.XPATH, f"{row}{CHAMPION}")))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", alias)
     screenshot(driver, "3-mlflow-registered-model")
     wait.until(ec.element_to_be_clickable((By.XPATH, f"//a[normalize-space()='Version {version}']"))).click()
     wait.until(ec.presence_of_element_located((By.XPATH, f"//h2[normalize-space()='Version {version}']")))
