@@ -41,9 +41,13 @@ DEFAULT_OUT = REPO / "bench" / "results" / "recommend_bench.json"
 
 def model_folder(model_uri: str | None, work: Path) -> tuple[Path, Path, Path]:
     """(HF checkpoint folder, encoder.onnx, tokenizer.json) of the model to time."""
+    import mlflow
+
     from tasks.encoder_export import export_sentence_encoder
     from tasks.model_source import minilm_path, resolve_model_source
+    from tasks.settings import get_settings
 
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
     checkpoint = resolve_model_source(model_uri, work) if model_uri else minilm_path()
     onnx_path = export_sentence_encoder(checkpoint, work / "encoder.onnx", max_length=64)
     return checkpoint, onnx_path, checkpoint / "tokenizer.json"
