@@ -135,7 +135,9 @@ def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncode
     users = list(config.users) or known
     unknown = [u for u in users if u not in set(known)]
     if unknown:
-        raise ConfigError(f"unknown user(s) {unknown[:10]} in {folder}; {len(known)} users have interactions")
+        raise ConfigError(
+            f"unknown user(s) {unknown[:10]} in {folder}; {len(known)} users have interactions, e.g. {known[:5]}"
+        )
     candidates = new_items(Path(config.cold_start_items)) if config.cold_start_items else log.items
     rated = log.ratings.groupby("user")["item"].apply(set)
     profiles = current_profiles(log.ratings, log.items, users, config.positive_threshold, config.profile_items)
