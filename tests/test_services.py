@@ -75,6 +75,22 @@ def test_deployments_and_pools_are_registered(services: dict[str, str]) -> None:
         properties = (deployment.parameter_openapi_schema or {}).get("properties", {})
         assert properties and set(given) <= set(properties), name  # a typed form that takes the given values
         assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    for name, deployment in deployments.items():  # schedules: cron or interval, time zone, on/off
+        wanted = [
+            (str(w.get("cron") or float(w["interval"])), w["timezone"], w.get("active", True))
+            for w in expected[name].get("schedules", [])
+        ]
+        got = [
+            (
+                str(getattr(s.schedule, "cron", None) or s.schedule.interval.total_seconds()),
+                s.schedule.timezone,
+                s.active,
+            )
+            for s in deployment.schedules
+        ]
+        assert got == wanted, name
+    retrain = [d for name, d in deployments.items() if name.endswith("-retrain")]
+    assert retrain and all(getattr(d.schedules[0].schedule, "cron", None) for d in retrain)
     training = schema_definition(deployments["sentiment-finetune"].parameter_openapi_schema, "TrainingConfig")
     assert training["properties"]["epochs"]["exclusiveMinimum"] == 0.0
 
