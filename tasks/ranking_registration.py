@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
@@ -23,7 +24,7 @@ from tasks.pair_training import PairTrainResult
 from tasks.promotion import CHALLENGER, CHAMPION, Candidate, metric_tag, promote_locked, promotion_lock
 from tasks.ranking_config import RecommenderConfig
 from tasks.ranking_data import RankingData
-from tasks.ranking_eval import RankingEvalResult, encoder_scores
+from tasks.ranking_eval import HYBRID, RankingEvalResult, encoder_scores
 from tasks.ranking_metrics import score_metrics
 from tasks.registration import RegisterResult
 from tasks.serving import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
@@ -40,6 +41,17 @@ def champion_ndcg(model_name: str, version: str, data: RankingData, primary_metr
     frames = {"validation": data.frame("validation")}
     scores = encoder_scores(encoder_of(local), data.frame("items"), frames)["validation"]
     return score_metrics(scores)[primary_metric], "re-scored on the same validation candidates"
+
+
+def hybrid_tags(table_csv: Path) -> dict[str, str]:
+    """``hybrid.eval.ndcg_at_10``-style tags from the ranking table (the blend is not registered itself)."""
+    table = pd.read_csv(table_csv)
+    rows = table[table["method"] == HYBRID]
+    return {
+        f"hybrid.{'eval' if row.split == 'validation' else 'test'}.{metric}": f"{getattr(row, metric):.4f}"
+        for row in rows.itertuples()
+        for metric in ("hr_at_10", "ndcg_at_10", "mrr")
+    }
 
 
 def register_scorer(
@@ -78,6 +90,7 @@ def register_scorer(
         "eval_hash": split_hash,
         metric_tag(primary): f"{evaluation.primary:.6f}",
         "hybrid_weight": f"{evaluation.hybrid_weight:g}",
+        **hybrid_tags(Path(evaluation.table_csv)),
         **{f"eval.{k}": f"{v:.4f}" for k, v in evaluation.metrics.items()},
         **{f"test.{k}": f"{v:.4f}" for k, v in evaluation.test_metrics.items()},
     }

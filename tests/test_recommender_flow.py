@@ -78,7 +78,9 @@ def test_recommender_registers_ranks_and_recommends(
     client = mlflow.MlflowClient()
     tags = client.get_model_version("recommendation", "1").tags
     assert float(tags["challenger.ndcg_at_10"]) == pytest.approx(first.metrics["ndcg_at_10"], abs=1e-6)
-    assert {"test.hr_at_10", "test.ndcg_at_10", "test.mrr", "hybrid_weight"} <= set(tags)
+    assert {"test.hr_at_10", "test.ndcg_at_10", "test.mrr", "hybrid_weight", "hybrid.test.ndcg_at_10"} <= set(tags)
+    hybrid = table[(table["method"] == "hybrid") & (table["split"] == "test")].iloc[0]
+    assert tags["hybrid.test.hr_at_10"] == f"{hybrid['hr_at_10']:.4f}"
     local = Path(mlflow.artifacts.download_artifacts("models:/recommendation@champion"))
     assert (local / "artifacts" / "ranking_table.csv").is_file()
     scorer = mlflow.pyfunc.load_model("models:/recommendation@champion")
