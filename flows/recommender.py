@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
+from flows.train import stage_failed
 from tasks.encoder_export import export_pair_encoder
 from tasks.model_source import fetch_model
 from tasks.pair_training import fine_tune_pairs
@@ -17,6 +18,16 @@ from tasks.ranking_data import prepare_interactions
 from tasks.ranking_eval import evaluate_ranking
 from tasks.ranking_registration import register_recommender
 from tasks.tracking import start_run
+
+STAGES = (
+    start_run,
+    prepare_interactions,
+    fetch_model,
+    fine_tune_pairs,
+    export_pair_encoder,
+    evaluate_ranking,
+    register_recommender,
+)
 
 
 class RecommenderSummary(BaseModel):
@@ -41,6 +52,14 @@ class RecommenderSummary(BaseModel):
 @flow(name="finetune-recommender", log_prints=False)
 def finetune_recommender(config: RecommenderConfig = RecommenderConfig()) -> RecommenderSummary:  # noqa: B008
     """Fine-tune a text recommender, compare it with baselines on the same split, export and register it."""
+    try:
+        return run_pipeline(config)
+    except Exception as exc:
+        return stage_failed(exc, STAGES)
+
+
+def run_pipeline(config: RecommenderConfig) -> RecommenderSummary:
+    """The stages in order; each passes paths and small models to the next."""
     run = start_run(config)
     data = prepare_interactions(config)
     base_model = fetch_model(config, run)

@@ -129,4 +129,6 @@ def test_a_log_without_good_rows_fails_and_registers_nothing(
         match=r"no valid interaction among 1 rows.*interactions.csv.*row 1, column 'item', value 'zzz': unknown item",
     ):
         finetune_recommender(config_for(tiny_model_dir, folder))
+    state = finetune_recommender(config_for(tiny_model_dir, folder), return_state=True)
+    assert state.is_failed() and str(state.message).startswith("stage prepare-interactions failed: DataError: ")
     assert mlflow.MlflowClient().search_registered_models() == []
