@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from flows.finetune import FinetuneSummary, finetune
 from flows.train import stage_failed
 from plugins import SCENARIOS, DataError
-from tasks.config import MINILM, FinetuneConfig, TrainingConfig, validated
+from tasks.config import MINILM, FinetuneConfig, TrainingConfig, known_scenario, validated
 from tasks.promotion import CHAMPION, version_with_key
 from tasks.settings import get_settings
 from tasks.tables import clean_rows, file_sha256, read_table, resolve_columns
@@ -83,9 +83,7 @@ class RetrainConfig(BaseModel):
     @field_validator("scenario")
     @classmethod
     def _known_scenario(cls, value: str) -> str:
-        if value not in SCENARIOS.names():
-            raise ValueError(f"unknown scenario {value!r}; registered scenarios: {SCENARIOS.names()}")
-        return value
+        return known_scenario(value)
 
     @property
     def registered_name(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plugins import HEADS, SCENARIOS, ConfigError
+from plugins.specs import LabelKind
 
 MINILM = "minilm"
 
@@ -174,9 +175,10 @@ class FinetuneConfig(_Frozen):
 
     @field_validator("scenario")
     @classmethod
-    def _known_scenario(cls, value: str) -> str:
-        if value not in SCENARIOS.names():
-            raise ValueError(f"unknown scenario {value!r}; registered scenarios: {SCENARIOS.names()}")
+    def _classifying_scenario(cls, value: str) -> str:
+        head = SCENARIOS.get(known_scenario(value)).head
+        if HEADS.get(head).label_kind is LabelKind.RANKING:
+            raise ValueError(f"scenario {value!r} ranks (head {head!r}); use the finetune-recommender flow")
         return value
 
     @field_validator("head")
@@ -225,6 +227,13 @@ class FinetuneConfig(_Frozen):
         for key, value in (overrides or {}).items():
             set_dotted(values, key, value)
         return validated(cls, values)
+
+
+def known_scenario(value: str) -> str:
+    """``value`` if a scenario plugin has that name; a ValueError listing the registered ones otherwise."""
+    if value not in SCENARIOS.names():
+        raise ValueError(f"unknown scenario {value!r}; registered scenarios: {SCENARIOS.names()}")
+    return value
 
 
 def scenario_defaults(scenario: str) -> dict[str, dict[str, Any]]:

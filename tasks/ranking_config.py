@@ -17,6 +17,7 @@ from tasks.config import (
     ModelConfig,
     Precision,
     RegistrationConfig,
+    known_scenario,
     scenario_defaults,
     set_dotted,
     validated,
@@ -81,9 +82,7 @@ class RecommenderConfig(_Frozen):
     def _ranking_scenario(cls, value: str) -> str:
         from plugins import HEADS
 
-        if value not in SCENARIOS.names():
-            raise ValueError(f"unknown scenario {value!r}; registered scenarios: {SCENARIOS.names()}")
-        head = SCENARIOS.get(value).head
+        head = SCENARIOS.get(known_scenario(value)).head
         if HEADS.get(head).label_kind is not LabelKind.RANKING:
             raise ValueError(f"scenario {value!r} uses head {head!r}, which does not rank; use the finetune flow")
         return value

@@ -260,3 +260,8 @@ def test_a_partial_config_takes_the_scenarios_defaults() -> None:
     assert partial.data.test_fraction == defaults.test_fraction
     assert partial.model.max_length == defaults.max_length
     assert partial == FinetuneConfig.for_scenario("finance-monitoring", {"training.epochs": "2"})
+
+
+def test_the_finetune_config_refuses_a_ranking_scenario() -> None:
+    with pytest.raises(ConfigError, match=r"scenario 'recommendation' ranks .*finetune-recommender"):
+        FinetuneConfig.for_scenario("recommendation")
