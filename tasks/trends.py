@@ -1,16 +1,6 @@
 """Monitor, stages 3-6: store scored records, count them per topic and window, find spikes, report.
 
-Store: one SQLite file, ``<store_dir>/records.sqlite``, table ``records`` keyed by
-(sha256(text), timestamp in UTC microseconds, source). SQLite rather than date-partitioned
-Parquet because deduplication is then the database's job: ``INSERT OR IGNORE`` against the
-primary key inside one transaction, so re-running a batch never counts a record twice, a crashed
-run leaves nothing half-written, and two runs at once queue on the write lock instead of racing
-between "read the stored keys" and "write a new part file". Windows are a ``GROUP BY`` over an
-index on the timestamp. A record keeps the label, score, topic and model version of its first
-scoring. Parquet stays the hand-over format between tasks (the batch, the scored batch, the trend).
-
-Windows are ``window_minutes`` long and aligned to the Unix epoch. A window's negative share is
-the share of its records labelled ``negative``.
+The store and its windows are ``tasks/record_store.py``.
 
 Spike rule, for a window w of topic t that gained new records in this run:
 - w holds at least ``min_volume`` records;
@@ -30,9 +20,7 @@ batch's windows, so a replay draws the same plot.
 from __future__ import annotations
 
 import logging
-import sqlite3
-from contextlib import closing
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,45 +30,17 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict
 
-from tasks.monitoring import MonitorConfig, ScoredBatch
+from tasks.monitoring import MonitorConfig, ScoredBatch, db_path
+from tasks.record_store import (
+    StoreResult,
+    TopicWindow,
+    negative_examples,
+    store_frame,
+    window_counts,
+    window_start,
+)
 
 logger = logging.getLogger(__name__)
-
-KEY = ["text_sha256", "ts_us", "source"]
-COLUMNS = [*KEY, "timestamp", "text", "topic", "label", "score", "model_version", "batch_id"]
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    text_sha256 TEXT NOT NULL, ts_us INTEGER NOT NULL, source TEXT NOT NULL, timestamp TEXT NOT NULL,
-    text TEXT NOT NULL, topic TEXT NOT NULL, label TEXT NOT NULL, score REAL, model_version TEXT NOT NULL,
-    batch_id TEXT NOT NULL, PRIMARY KEY (text_sha256, ts_us, source)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS records_time ON records (ts_us, topic);
-"""
-NEGATIVE = "negative"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class TopicWindow(BaseModel):
-    """A topic and a window index (window start = index * window length since the epoch)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    topic: str
-    window: int
-
-
-class StoreResult(BaseModel):
-    """What storing a batch added; the batch's window span; the windows that gained records."""
-
-    model_config = ConfigDict(frozen=True)
-
-    db_path: str
-    batch_id: str
-    new: int
-    duplicates: int
-    first_window: int
-    last_window: int
-    touched: list[TopicWindow]
 
 
 class TrendResult(BaseModel):
@@ -122,78 +82,6 @@ class ReportResult(BaseModel):
     events: list[str]
 
 
-def window_us(minutes: int) -> int:
-    return minutes * 60 * 1_000_000
-
-
-def window_start(window: int, minutes: int) -> datetime:
-    return EPOCH + timedelta(microseconds=window * window_us(minutes))
-
-
-def connect(db_path: Path) -> sqlite3.Connection:
-    """A connection to the store (schema created if missing); waits up to 60 s for another writer."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(db_path, timeout=60, isolation_level=None)  # transactions are explicit
-    con.executescript(SCHEMA)
-    return con
-
-
-def store_frame(db_path: Path, scored: pd.DataFrame, model_version: str, batch_id: str, minutes: int) -> StoreResult:
-    """Store the records whose key is not stored yet, in one transaction; the windows that gained records."""
-    rows = scored.assign(
-        timestamp=scored["timestamp"].map(lambda t: t.isoformat()), model_version=model_version, batch_id=batch_id
-    )[COLUMNS]
-    values = list(zip(*(rows[c].tolist() for c in COLUMNS), strict=True))
-    with closing(connect(db_path)) as con:
-        con.execute("BEGIN IMMEDIATE")  # the write lock first: no other run stores between our check and insert
-        try:
-            con.execute("CREATE TEMP TABLE incoming AS SELECT * FROM records WHERE 0")
-            con.executemany(f"INSERT INTO incoming VALUES ({', '.join('?' * len(COLUMNS))})", values)
-            new = pd.read_sql_query(
-                "SELECT DISTINCT i.text_sha256, i.ts_us, i.source, i.topic FROM incoming i WHERE NOT EXISTS (SELECT 1 "
-                "FROM records r WHERE r.text_sha256 = i.text_sha256 AND r.ts_us = i.ts_us AND r.source = i.source)",
-                con,
-            )
-            con.execute("INSERT OR IGNORE INTO records SELECT * FROM incoming")
-            con.execute("DROP TABLE incoming")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    new = new.drop_duplicates(KEY)
-    width = window_us(minutes)
-    touched = {
-        TopicWindow(topic=t, window=w // width) for t, w in zip(new["topic"], new["ts_us"].tolist(), strict=True)
-    }
-    return StoreResult(
-        db_path=str(db_path),
-        batch_id=batch_id,
-        new=len(new),
-        duplicates=len(scored) - len(new),
-        first_window=int(scored["ts_us"].min()) // width,
-        last_window=int(scored["ts_us"].max()) // width,
-        touched=sorted(touched, key=lambda k: (k.topic, k.window)),
-    )
-
-
-def window_counts(db_path: Path, first_window: int, last_window: int, minutes: int) -> pd.DataFrame:
-    """Per topic and non-empty window in [first_window, last_window]: volume, negatives, share, start, end."""
-    width = window_us(minutes)
-    with closing(connect(db_path)) as con:
-        trend = pd.read_sql_query(
-            "SELECT topic, (ts_us - ((ts_us % :w) + :w) % :w) / :w AS window_index, COUNT(*) AS volume, "
-            "SUM(label = :neg) AS negatives FROM records WHERE ts_us >= :lo AND ts_us < :hi "
-            "GROUP BY topic, window_index ORDER BY topic, window_index",
-            con,
-            params={"w": width, "neg": NEGATIVE, "lo": first_window * width, "hi": (last_window + 1) * width},
-        )
-    return trend.assign(
-        share=trend["negatives"] / trend["volume"],
-        window_start=[window_start(w, minutes) for w in trend["window_index"]],
-        window_end=[window_start(w + 1, minutes) for w in trend["window_index"]],
-    )
-
-
 def batch_trend(stored: StoreResult, config: MonitorConfig) -> pd.DataFrame:
     """The trend of the batch's windows and the ``baseline_windows`` before them (every baseline it needs)."""
     first = stored.first_window - config.baseline_windows
@@ -230,18 +118,6 @@ def find_spikes(trend: pd.DataFrame, touched: list[TopicWindow], config: Monitor
                 )
             )
     return alerts
-
-
-def negative_examples(db_path: Path, alert: Alert, limit: int) -> list[str]:
-    """Up to ``limit`` negative texts of the alert's topic and window, most confident first."""
-    lo, hi = (round((t - EPOCH) / timedelta(microseconds=1)) for t in (alert.window_start, alert.window_end))
-    with closing(connect(db_path)) as con:
-        rows = con.execute(
-            "SELECT text FROM records WHERE topic = ? AND label = ? AND ts_us >= ? AND ts_us < ? "
-            "ORDER BY score DESC, text LIMIT ?",
-            (alert.topic, NEGATIVE, lo, hi, limit),
-        ).fetchall()
-    return [r[0] for r in rows]
 
 
 def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path) -> Path:
@@ -289,11 +165,17 @@ def alerts_markdown(alerts: list[Alert], png: Path, config: MonitorConfig) -> st
 @task(name="store-records")
 def store_records(scored: ScoredBatch, config: MonitorConfig) -> StoreResult:
     """Append the scored records to the store; records already stored are skipped."""
-    db_path = config.store_path() / "records.sqlite"
+    path = db_path(config)
     stored = store_frame(
-        db_path, pd.read_parquet(scored.scored_path), scored.model_version, scored.batch_id, config.window_minutes
+        path,
+        pd.read_parquet(scored.scored_path),
+        scored.model_version,
+        scored.batch_id,
+        config.window_minutes,
+        span_us=(scored.first_ts_us, scored.last_ts_us),
+        skipped=scored.already_stored,
     )
-    logger.info("store: %d new, %d already stored, in %s", stored.new, stored.duplicates, db_path)
+    logger.info("store: %d new, %d already stored, in %s", stored.new, stored.duplicates, path)
     return stored
 
 
@@ -330,8 +212,11 @@ def compute_trends(stored: StoreResult, config: MonitorConfig) -> TrendResult:
 def detect_spikes(trend: TrendResult, stored: StoreResult, config: MonitorConfig) -> list[Alert]:
     """The spikes among the windows that gained records, each with example negative texts."""
     alerts = find_spikes(pd.read_parquet(trend.trend_path), stored.touched, config)
-    db_path = Path(stored.db_path)
-    return [a.model_copy(update={"examples": negative_examples(db_path, a, config.examples_per_alert)}) for a in alerts]
+    store, limit = Path(stored.db_path), config.examples_per_alert
+    return [
+        a.model_copy(update={"examples": negative_examples(store, a.topic, a.window_start, a.window_end, limit)})
+        for a in alerts
+    ]
 
 
 @task(name="report")

@@ -23,8 +23,10 @@ from mlflow.pyfunc import PythonModel
 from pydantic import ValidationError
 
 from plugins import DataError
-from tasks.monitoring import BadRecordPolicy, MonitorConfig, attach_predictions, check_batch, read_source
-from tasks.trends import Alert, StoreResult, batch_trend, find_spikes, store_frame
+from tasks.batch_records import BadRecordPolicy, check_batch, read_source
+from tasks.monitoring import MonitorConfig, attach_predictions
+from tasks.record_store import StoreResult, store_frame, stored_mask
+from tasks.trends import Alert, batch_trend, find_spikes
 
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2024, 3, 4, tzinfo=UTC)
@@ -182,6 +184,27 @@ def bad_batch(folder: Path) -> Path:
     return folder
 
 
+def test_records_stored_before_are_found_before_scoring(tmp_path: Path, config: MonitorConfig) -> None:
+    source = write_csv(tmp_path / "batch.csv", stream({"banks": (10, 6), "energy": (10, 2)}))
+    good, _, batch_id = read_source(source)
+    db = tmp_path / "store" / "records.sqlite"
+    assert not stored_mask(db, good).any()  # no store yet
+    first_half = good.iloc[: len(good) // 2]
+    store_frame(db, attach_predictions(first_half, KeywordModel().predict(None, first_half[["text"]])), "1", "a", 60)
+
+    known = stored_mask(db, good)
+    assert known.tolist() == [True] * len(first_half) + [False] * (len(good) - len(first_half))
+    fresh = good.loc[~known]
+    span = (int(good["ts_us"].min()), int(good["ts_us"].max()))
+    scored = attach_predictions(fresh, KeywordModel().predict(None, fresh[["text"]]))
+    stored = store_frame(db, scored, "1", batch_id, 60, span_us=span, skipped=int(known.sum()))
+    assert (stored.new, stored.duplicates) == (len(fresh), len(first_half))
+    assert (stored.first_window, stored.last_window) == (span[0] // 3_600_000_000, span[1] // 3_600_000_000)
+    # the whole batch in one go gives the same trend
+    _, whole, _ = monitor_logic(source, tmp_path / "whole", config)
+    pd.testing.assert_frame_equal(batch_trend(stored, config), whole)
+
+
 def test_bad_records_are_reported_with_row_line_and_value(tmp_path: Path) -> None:
     good, bad, _ = read_source(bad_batch(tmp_path / "batch"))
 
@@ -253,8 +276,10 @@ sys.modules["transformers"] = None
 from pathlib import Path
 import pandas as pd
 import flows.monitor
-from tasks.monitoring import MonitorConfig, attach_predictions, read_source
-from tasks.trends import batch_trend, find_spikes, store_frame
+from tasks.batch_records import read_source
+from tasks.monitoring import MonitorConfig, attach_predictions
+from tasks.record_store import store_frame
+from tasks.trends import batch_trend, find_spikes
 
 folder = Path(sys.argv[1])
 rows = [("2024-03-04T%02d:%02d:00Z" % (h, m), "wire", "Bank %d news %d" % (h, m)) for h in range(8) for m in range(10)]
@@ -344,6 +369,8 @@ def test_monitor_flow_scores_stores_alerts_and_replays(state_dir: Path, tmp_path
 
     again = monitor(config)
     assert (again.new_records, again.duplicates_skipped, again.alerts, again.events) == (0, 161, [], [])
+    rescored = Path(again.store).parent / "work" / again.batch_id / "scored.parquet"
+    assert pd.read_parquet(rescored).empty  # stored records are not scored again
     pd.testing.assert_frame_equal(pd.read_parquet(again.trend_path), trend)
     with sqlite3.connect(again.store) as con:
         assert con.execute("SELECT COUNT(*) FROM records").fetchone() == (161,)
