@@ -55,6 +55,9 @@ class MonitorConfig(BaseModel):
         default=0.1, ge=0.0, le=1.0, description="Spike: share must also exceed the baseline mean by more than this."
     )
     min_volume: int = Field(default=5, ge=1, le=1_000_000, description="Fewest texts in a window for an alert.")
+    min_negatives: int = Field(
+        default=3, ge=1, le=1_000_000, description="Fewest negative texts in a window for an alert."
+    )
     examples_per_alert: int = Field(default=3, ge=0, le=20, description="Negative example texts shown per alert.")
     on_bad_records: BadRecordPolicy = Field(
         default=BadRecordPolicy.REPORT, description="report: list bad records and go on; fail: stop the run."

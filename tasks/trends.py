@@ -3,7 +3,8 @@
 The store and its windows are ``tasks/record_store.py``.
 
 Spike rule, for a window w of topic t that gained new records in this run:
-- w holds at least ``min_volume`` records;
+- w holds at least ``min_volume`` records, at least ``min_negatives`` of them negative (so one
+  negative text in a small window of a quiet topic, share 1/6 over a zero baseline, is no spike);
 - among the N = ``baseline_windows`` windows just before w, at least ``min_baseline_windows``
   hold records of t; their shares are the baseline (empty windows are left out);
 - share(w) > mean + max(k_sigma * std, min_margin), with the population std of the baseline.
@@ -94,7 +95,7 @@ def find_spikes(trend: pd.DataFrame, touched: list[TopicWindow], config: Monitor
     counts = {(r["topic"], r["window_index"]): r for r in trend.to_dict("records")}
     for key in sorted(set(touched), key=lambda k: (k.topic, k.window)):
         current = counts.get((key.topic, key.window))
-        if current is None or current["volume"] < config.min_volume:
+        if current is None or current["volume"] < config.min_volume or current["negatives"] < config.min_negatives:
             continue
         prior = (counts.get((key.topic, w)) for w in range(key.window - config.baseline_windows, key.window))
         base = np.array([row["share"] for row in prior if row is not None])  # only non-empty windows are rows
@@ -120,20 +121,25 @@ def find_spikes(trend: pd.DataFrame, touched: list[TopicWindow], config: Monitor
     return alerts
 
 
-def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path) -> Path:
-    """Negative share per topic over the windows, spikes ringed in red (matplotlib, Agg)."""
+def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path, min_volume: int = 1) -> Path:
+    """Negative share per topic over the windows that hold ``min_volume`` texts, spikes ringed in red.
+
+    Windows below the volume an alert needs are left out: a topic with one or two texts in a
+    window swings between 0 and 1 and would hide the trends that can alert (matplotlib, Agg).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    for topic, group in trend.groupby("topic"):
-        ax.plot(group["window_start"], group["share"], marker="o", label=str(topic))
+    for topic, group in trend.loc[trend["volume"] >= min_volume].groupby("topic"):
+        ax.plot(group["window_start"], group["share"], marker="o", markersize=3, label=str(topic))
     if spikes:
         ring = pd.DataFrame([a.model_dump() for a in spikes])
         ax.scatter(ring["window_start"], ring["share"], s=160, facecolors="none", edgecolors="red", label="spike")
-    ax.set(ylabel="negative share", xlabel="window start (UTC)", ylim=(-0.02, 1.02), title="Negative share per topic")
+    ax.set(ylabel="negative share", xlabel="window start (UTC)", ylim=(-0.02, 1.02))
+    ax.set_title(f"Negative share per topic (windows with >= {min_volume} texts)")
     ax.legend(loc="upper left", fontsize="small")
     fig.autofmt_xdate()
     fig.tight_layout()
@@ -147,6 +153,7 @@ def alerts_markdown(alerts: list[Alert], png: Path, config: MonitorConfig) -> st
     """The alert artifact: each spike with its numbers and example texts."""
     rule = (
         f"share > baseline mean + max({config.k_sigma:g} x std, {config.min_margin:g}); volume >= {config.min_volume}; "
+        f"negatives >= {config.min_negatives}; "
         f">= {config.min_baseline_windows} non-empty of the last {config.baseline_windows} windows"
     )
     lines = [f"### Negative-share spikes: {len(alerts)}", "", f"Rule: {rule}. Trend plot: `{png}`", ""]
@@ -230,9 +237,8 @@ def report(trend: TrendResult, alerts: list[Alert], config: MonitorConfig) -> Re
         for r in frame.to_dict("records")
         if r["window_index"] >= first
     ]
-    png = plot_trend(
-        frame, find_spikes(frame, every, config), config.store_path() / "reports" / f"trend-{trend.batch_id}.png"
-    )
+    png_path = config.store_path() / "reports" / f"trend-{trend.batch_id}.png"
+    png = plot_trend(frame, find_spikes(frame, every, config), png_path, config.min_volume)
     create_markdown_artifact(
         key="finance-alerts", description="Negative-share spikes", markdown=alerts_markdown(alerts, png, config)
     )

@@ -124,11 +124,20 @@ def test_flat_streams_raise_no_alert(tmp_path: Path, config: MonitorConfig) -> N
     assert monitor_logic(tmp_path / "zero.csv", tmp_path / "zero-store", config)[0] == []
 
 
+def test_one_negative_over_a_zero_baseline_is_no_spike(tmp_path: Path, config: MonitorConfig) -> None:
+    # 1 of 6 (share 0.17) clears 0 + min_margin 0.1 and the volume rule; min_negatives (3) stops it.
+    write_csv(tmp_path / "batch.csv", stream({"banks": (6, 1), "energy": (10, 0)}, baseline=(0,) * 7))
+    assert monitor_logic(tmp_path / "batch.csv", tmp_path / "store", config)[0] == []
+    one = config.model_copy(update={"min_negatives": 1})
+    alerts = monitor_logic(tmp_path / "batch.csv", tmp_path / "one", one)[0]
+    assert [(a.topic, a.volume, a.negatives) for a in alerts] == [("banks", 6, 1)]
+
+
 def test_minimum_volume_suppresses_an_alert_on_a_window_of_two_texts(tmp_path: Path, config: MonitorConfig) -> None:
     write_csv(tmp_path / "batch.csv", stream({"banks": (2, 2), "energy": (10, 2)}))
     assert monitor_logic(tmp_path / "batch.csv", tmp_path / "store", config)[0] == []
     # The same window judged with min_volume=2 is a spike: the volume rule alone suppressed it.
-    low = config.model_copy(update={"min_volume": 2})
+    low = config.model_copy(update={"min_volume": 2, "min_negatives": 2})
     alerts = monitor_logic(tmp_path / "batch.csv", tmp_path / "low", low)[0]
     assert [(a.topic, a.volume, a.share) for a in alerts] == [("banks", 2, 1.0)]
 
