@@ -122,10 +122,11 @@ def find_spikes(trend: pd.DataFrame, touched: list[TopicWindow], config: Monitor
 
 
 def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path, min_volume: int = 1) -> Path:
-    """Negative share per topic over the windows that hold ``min_volume`` texts, spikes ringed in red.
+    """Negative share per topic and window, spikes ringed in red (matplotlib, Agg).
 
-    Windows below the volume an alert needs are left out: a topic with one or two texts in a
-    window swings between 0 and 1 and would hide the trends that can alert (matplotlib, Agg).
+    Lines join only windows that hold ``min_volume`` texts (the volume an alert needs) and break
+    at the others; those show as faint dots, since a topic with one or two texts in a window
+    swings between 0 and 1 and would hide the trends that can alert.
     """
     import matplotlib
 
@@ -133,13 +134,22 @@ def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path, min_volume:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    for topic, group in trend.loc[trend["volume"] >= min_volume].groupby("topic"):
-        ax.plot(group["window_start"], group["share"], marker="o", markersize=3, label=str(topic))
+    if not trend.empty:
+        width = trend["window_end"].iloc[0] - trend["window_start"].iloc[0]
+        first, last = int(trend["window_index"].min()), int(trend["window_index"].max())
+        grid = pd.Index(range(first, last + 1), name="window_index")
+        starts = [trend["window_start"].min() + (w - first) * width for w in grid]
+        for topic, group in trend.groupby("topic"):
+            full = group.set_index("window_index").reindex(grid)
+            enough = full["volume"] >= min_volume
+            (line,) = ax.plot(starts, full["share"].where(enough), marker="o", markersize=3, label=str(topic))
+            few = full["share"].where(~enough & full["volume"].notna())
+            ax.scatter(starts, few, s=6, color=line.get_color(), alpha=0.3)
     if spikes:
         ring = pd.DataFrame([a.model_dump() for a in spikes])
         ax.scatter(ring["window_start"], ring["share"], s=160, facecolors="none", edgecolors="red", label="spike")
     ax.set(ylabel="negative share", xlabel="window start (UTC)", ylim=(-0.02, 1.02))
-    ax.set_title(f"Negative share per topic (windows with >= {min_volume} texts)")
+    ax.set_title(f"Negative share per topic (lines: windows with >= {min_volume} texts; dots: fewer)")
     ax.legend(loc="upper left", fontsize="small")
     fig.autofmt_xdate()
     fig.tight_layout()
