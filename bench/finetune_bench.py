@@ -343,7 +343,7 @@ def machine_info(threads: int | None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from tasks.training import bf16_is_fast
+    from tasks.training_options import bf16_is_fast
 
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

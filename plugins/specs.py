@@ -48,6 +48,10 @@ class ScenarioDefaults:
     batch_size: int = 32
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
+    layer_lr_decay: float = 1.0
+    label_smoothing: float = 0.0
+    eval_every_steps: int = 200
+    early_stopping_patience: int = 3
     eval_fraction: float = 0.1
     test_fraction: float = 0.0
 

@@ -93,6 +93,18 @@ class TrainingConfig(_Frozen):
     learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(default=0.06, ge=0.0, lt=1.0, description="Share of steps of linear warmup.")
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    layer_lr_decay: float = Field(
+        default=1.0,
+        ge=0.1,
+        le=1.0,
+        description=(
+            "Layer-wise learning-rate decay: each encoder layer further from the output trains at this factor of the "
+            "one above (embeddings least); 1: one rate for all."
+        ),
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Share of each target spread over the other classes (0: none)."
+    )
     eval_every_steps: int = Field(
         default=200, ge=1, le=1_000_000, description="Evaluate (and checkpoint) every N steps."
     )
@@ -248,6 +260,10 @@ def scenario_defaults(scenario: str) -> dict[str, dict[str, Any]]:
             "learning_rate": d.learning_rate,
             "warmup_ratio": d.warmup_ratio,
             "weight_decay": d.weight_decay,
+            "layer_lr_decay": d.layer_lr_decay,
+            "label_smoothing": d.label_smoothing,
+            "eval_every_steps": d.eval_every_steps,
+            "early_stopping_patience": d.early_stopping_patience,
         },
     }
 

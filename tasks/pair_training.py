@@ -23,7 +23,7 @@ from tasks.model_source import TOKENIZER_FILES
 from tasks.ranking_config import PairTrainingConfig, RecommenderConfig
 from tasks.ranking_data import RankingData
 from tasks.tracking import RunInfo
-from tasks.training import choose_precision
+from tasks.training_options import choose_precision
 
 logger = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ class RecommenderConfig(_Frozen):
         if not isinstance(data, dict) or data.get("scenario", "recommendation") not in SCENARIOS.names():
             return data
         defaults = scenario_defaults(data.get("scenario", "recommendation"))
-        defaults["training"].pop("weight_decay", None)
+        defaults["training"] = {k: v for k, v in defaults["training"].items() if k in PairTrainingConfig.model_fields}
         merged = dict(data)
         for section in ("model", "training"):
             given = merged.get(section, {})

@@ -29,6 +29,7 @@ from tasks.ingestion import IngestResult
 from tasks.model_source import TOKENIZER_FILES
 from tasks.tokenization import TokenizeResult
 from tasks.tracking import RunInfo
+from tasks.training_options import balanced_class_weights, choose_precision, layerwise_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -91,33 +92,9 @@ def fine_tune_request(
     )
 
 
-def bf16_is_fast() -> bool:
-    """True where bf16 autocast pays: a CUDA GPU with bf16, or a CPU with native bf16 (AVX512-BF16/AMX).
-
-    On CPUs without it (AVX2 only) bf16 matrix products are emulated and far slower than fp32.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
-    """n_rows / (n_classes * n_rows_of_class) for each class (sklearn's "balanced")."""
-    counts = [labels.count(i) for i in range(n_classes)]
-    return [len(labels) / (n_classes * count) if count else 0.0 for count in counts]
-
-
 def weights_checksum(model: Any) -> float:
     """Sum of all parameters in float64: a cheap fingerprint to compare two trainings' weights."""
     return float(sum(float(p.detach().double().sum()) for p in model.parameters()))
-
-
-def choose_precision(requested: Precision) -> Precision:
-    if requested is Precision.AUTO:
-        return Precision.BF16 if bf16_is_fast() else Precision.FP32
-    return requested
 
 
 def train_model(
@@ -160,7 +137,9 @@ def train_model(
 
     def weighted_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         logits = outputs["logits"]
-        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights.to(logits.device))
+        return torch.nn.functional.cross_entropy(
+            logits.float(), labels, weight=weights.to(logits.device), label_smoothing=config.label_smoothing
+        )
 
     balanced = config.class_weights is ClassWeighting.BALANCED
     if balanced:
@@ -179,6 +158,7 @@ def train_model(
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=config.weight_decay,
+        label_smoothing_factor=config.label_smoothing,
         lr_scheduler_type="linear",
         optim="adamw_torch_fused",
         bf16=precision is Precision.BF16,
@@ -200,6 +180,9 @@ def train_model(
         dataloader_num_workers=0,
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,  # CPU DDP
     )
+    optimizer = None
+    if config.layer_lr_decay < 1.0:
+        optimizer = layerwise_optimizer(model, config.learning_rate, config.layer_lr_decay, config.weight_decay)
     trainer = Trainer(
         model=model,
         args=args,
@@ -209,19 +192,17 @@ def train_model(
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         compute_loss_func=weighted_loss if balanced else None,
+        optimizers=(optimizer, None),  # None: Trainer's own (fused AdamW), and its linear schedule
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
             *(callbacks or []),
         ],
     )
     logger.info(
-        "training %s on %d examples (%s, batch %d, lr %g)",
-        head_name,
-        len(train_set),
-        precision.value,
-        config.batch_size,
-        config.learning_rate,
-    )
+        "training %s on %d examples (%s, batch %d, lr %g, layer decay %g, label smoothing %g)",
+        head_name, len(train_set), precision.value, config.batch_size, config.learning_rate,
+        config.layer_lr_decay, config.label_smoothing,
+    )  # fmt: skip
     output = trainer.train()
     # The evaluate stage scores the final model in full; here keep the last in-training evaluation.
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]

@@ -23,6 +23,10 @@ DEFAULT_PATHS = {
     "batch_size": ("training", "batch_size"),
     "warmup_ratio": ("training", "warmup_ratio"),
     "weight_decay": ("training", "weight_decay"),
+    "layer_lr_decay": ("training", "layer_lr_decay"),
+    "label_smoothing": ("training", "label_smoothing"),
+    "eval_every_steps": ("training", "eval_every_steps"),
+    "early_stopping_patience": ("training", "early_stopping_patience"),
     "eval_fraction": ("data", "eval_fraction"),
     "test_fraction": ("data", "test_fraction"),
 }

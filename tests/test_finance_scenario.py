@@ -11,7 +11,7 @@ import pytest
 from plugins import SCENARIOS, DataError
 from tasks.config import FinetuneConfig
 from tasks.ingestion import IngestOptions, ingest_files
-from tasks.training import balanced_class_weights
+from tasks.training_options import balanced_class_weights
 
 SCENARIO = SCENARIOS.get("finance-monitoring")
 BUNDLED = SCENARIO.sample().train
