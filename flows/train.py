@@ -5,7 +5,9 @@ to a deployment ``<flow>/<deployment>`` (``train/sentiment-train`` on pool ``gpu
 deployments/prefect.yaml), ``hand_off_training`` starts that deployment with
 ``run_deployment``, passing only a ``TrainRequest`` (paths, URIs, small models), waits for it, and
 reads the ``TrainResult`` the stage left next to its checkpoints: so the data, the run folder
-and the MLflow store must be reachable from both workers (one machine, or shared storage).
+and the MLflow store must be reachable from both workers (one machine, or shared storage). A
+handed-off run that no worker picks up within ``training.start_timeout_s`` is cancelled, and the
+stage fails naming the pool.
 
 Inside the stage, ``training.processes > 1`` trains with torchrun, one process per device (DDP).
 
@@ -19,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -111,6 +114,31 @@ def train_stage(request: TrainRequest) -> TrainResult:
         return stage_failed(exc, [fine_tune])
 
 
+def wait_for_flow_run(flow_run: FlowRun, start_timeout_s: float, poll_s: float = 2.0) -> FlowRun:
+    """Wait until ``flow_run`` is final; cancel it and raise when no worker has picked it up in ``start_timeout_s``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    deadline = time.monotonic() + start_timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run.id)
+            state = flow_run.state
+            if state is not None and state.is_final():
+                return flow_run
+            if (state is None or state.type is StateType.SCHEDULED) and time.monotonic() > deadline:
+                pool = flow_run.work_pool_name or "its work pool"
+                message = f"no worker picked it up within {start_timeout_s:g} s"
+                client.set_flow_run_state(flow_run.id, Cancelled(message=message), force=True)
+                raise RuntimeError(
+                    f"training flow run {flow_run.name!r} ({flow_run.id}) was cancelled: {message}; start a worker "
+                    f"with `prefect worker start --pool {pool}` (or `finetune-flows up`), or raise "
+                    "training.start_timeout_s"
+                )
+            time.sleep(poll_s)
+
+
 @task(name="hand-off-training")
 def hand_off_training(request: TrainRequest, deployment: str) -> TrainResult:
     """Run the training stage as ``deployment`` (another work pool), wait for it, and read its result."""
@@ -120,13 +148,15 @@ def hand_off_training(request: TrainRequest, deployment: str) -> TrainResult:
     logger.info("handing training to deployment %s; waiting for its flow run", deployment)
     try:
         flow_run = cast(
-            FlowRun, run_deployment(name=deployment, parameters={"request": request.model_dump(mode="json")})
+            FlowRun,
+            run_deployment(name=deployment, parameters={"request": request.model_dump(mode="json")}, timeout=0),
         )
     except ObjectNotFound as exc:
         raise RuntimeError(
             f"training.train_on={deployment!r}: no such deployment; deploy it with "
             "`prefect deploy --all --prefect-file deployments/prefect.yaml` (e.g. train/sentiment-train)"
         ) from exc
+    flow_run = wait_for_flow_run(flow_run, request.training.start_timeout_s)
     state = flow_run.state
     if state is None or not state.is_completed():
         raise RuntimeError(

@@ -134,6 +134,15 @@ class TrainingConfig(_Frozen):
             "pool) and wait for it; empty: train in this flow run."
         ),
     )
+    start_timeout_s: int = Field(
+        default=900,
+        ge=1,
+        le=7 * 24 * 3600,
+        description=(
+            "With train_on: when no worker has picked up the handed-off run after this many seconds, cancel it "
+            "and fail (a pool without a worker would otherwise keep this run waiting forever)."
+        ),
+    )
 
 
 class EvaluationConfig(_Frozen):

@@ -49,8 +49,8 @@ def config_for(model_dir: Path, files: tuple[Path, Path], train_on: str | None =
 
 
 @pytest.fixture
-def gpu_worker(tmp_path: Path) -> Iterator[Path]:
-    """Pool ``gpu`` (type process), the yaml's train deployment on it, and a worker serving it; yields its log."""
+def worker_env(tmp_path: Path) -> dict[str, str]:
+    """Pool ``gpu`` (type process) and the yaml's train deployment on it; the environment a worker needs."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -75,13 +75,19 @@ def gpu_worker(tmp_path: Path) -> Iterator[Path]:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return env
+
+
+@pytest.fixture
+def gpu_worker(tmp_path: Path, worker_env: dict[str, str]) -> Iterator[Path]:
+    """A process worker serving pool ``gpu``; yields its log."""
     log = tmp_path / "worker.log"
     with log.open("w") as out:
         # Started from another folder: the deployment's pull step must bring runs to the checkout.
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--type", "process"],
             cwd=tmp_path,
-            env=env,
+            env=worker_env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -135,3 +141,22 @@ def test_a_missing_train_deployment_fails_the_run_naming_the_stage(state_dir, ti
     assert state.is_failed()
     assert state.message.startswith("stage hand-off-training failed: RuntimeError: training.train_on=")
     assert "no such deployment" in state.message
+
+
+def test_a_hand_off_no_worker_picks_up_is_cancelled_and_fails_the_run(
+    state_dir, tiny_model_dir, files, worker_env
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    config = config_for(tiny_model_dir, files, train_on=DEPLOYMENT)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"start_timeout_s": 3})})
+    state = finetune(config, return_state=True)  # pool gpu has no worker in this test
+
+    assert state.is_failed()
+    assert state.message.startswith("stage hand-off-training failed: RuntimeError: training flow run")
+    assert "no worker picked it up within 3 s" in state.message and "--pool gpu" in state.message
+    run_id = state.message.split("(")[1].split(")")[0]
+    with get_client(sync_client=True) as client:
+        (handed,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    assert handed.state is not None and handed.state.is_cancelled()  # a worker started later will not run it
