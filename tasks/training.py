@@ -180,9 +180,6 @@ def train_model(
         dataloader_num_workers=0,
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,  # CPU DDP
     )
-    optimizer = None
-    if config.layer_lr_decay < 1.0:
-        optimizer = layerwise_optimizer(model, config.learning_rate, config.layer_lr_decay, config.weight_decay)
     trainer = Trainer(
         model=model,
         args=args,
@@ -192,12 +189,13 @@ def train_model(
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         compute_loss_func=weighted_loss if balanced else None,
-        optimizers=(optimizer, None),  # None: Trainer's own (fused AdamW), and its linear schedule
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
             *(callbacks or []),
         ],
     )
+    if config.layer_lr_decay < 1.0:  # train() builds its own optimizer (fused AdamW) only when none is set
+        trainer.optimizer = layerwise_optimizer(trainer, config)
     logger.info(
         "training %s on %d examples (%s, batch %d, lr %g, layer decay %g, label smoothing %g)",
         head_name, len(train_set), precision.value, config.batch_size, config.learning_rate,

@@ -6,8 +6,8 @@ than fp32).
 Layer-wise learning-rate decay (ULMFiT's discriminative fine-tuning, which FinBERT used too):
 the layers near the output adapt most, the embeddings least. With ``L`` encoder layers and decay
 ``d``, encoder layer ``i`` (0-based) trains at ``lr * d ** (L - i)``, the embeddings at
-``lr * d ** (L + 1)``, and everything above the encoder (pooler, classifier) at ``lr``. Biases and
-LayerNorm weights get no weight decay, as in Trainer's own groups.
+``lr * d ** (L + 1)``, and everything above the encoder (pooler, classifier) at ``lr``. Which
+parameters get weight decay is Trainer's own rule.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tasks.config import Precision
+from tasks.config import Precision, TrainingConfig
 
 LAYER = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 """Where an encoder layer's index sits in a parameter name (BERT/RoBERTa ``encoder.layer.3.``, GPT-style ``h.3.``)."""
@@ -56,34 +56,37 @@ def layer_depth(name: str, n_layers: int) -> int:
     return n_layers + 1
 
 
-def no_weight_decay(name: str) -> bool:
-    """Biases and normalisation weights are not decayed."""
-    return name.endswith(".bias") or "layernorm" in name.lower() or "layer_norm" in name.lower()
+def layerwise_param_groups(
+    model: Any, learning_rate: float, decay: float, weight_decay: float, decayed: set[str]
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups with layer-wise learning-rate decay (module docstring).
 
-
-def layerwise_param_groups(model: Any, learning_rate: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups with layer-wise learning-rate decay (module docstring); one group per (depth, decay)."""
+    ``decayed`` names the parameters that get weight decay: Trainer's own choice
+    (``Trainer.get_decay_parameter_names``: not biases, not normalisation weights).
+    """
     n_layers = int(model.config.num_hidden_layers)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        depth, plain = layer_depth(name, n_layers), no_weight_decay(name)
+        depth, decays = layer_depth(name, n_layers), name in decayed
         group = groups.setdefault(
-            (depth, plain),
+            (depth, decays),
             {
                 "params": [],
                 "lr": learning_rate * decay ** (n_layers + 1 - depth),
-                "weight_decay": 0.0 if plain else weight_decay,
+                "weight_decay": weight_decay if decays else 0.0,
             },
         )
         group["params"].append(parameter)
     return [groups[key] for key in sorted(groups)]
 
 
-def layerwise_optimizer(model: Any, learning_rate: float, decay: float, weight_decay: float) -> Any:
-    """Fused AdamW (where torch has it for the device) over ``layerwise_param_groups``."""
+def layerwise_optimizer(trainer: Any, config: TrainingConfig) -> Any:
+    """Fused AdamW over ``layerwise_param_groups`` of the trainer's model, with the trainer's weight-decay rule."""
     import torch
 
-    groups = layerwise_param_groups(model, learning_rate, decay, weight_decay)
-    return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    model = trainer.model
+    decayed = set(trainer.get_decay_parameter_names(model))
+    groups = layerwise_param_groups(model, config.learning_rate, config.layer_lr_decay, config.weight_decay, decayed)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)

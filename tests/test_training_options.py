@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from plugins import HEADS, SCENARIOS
 from tasks.config import FinetuneConfig, TrainingConfig
@@ -27,7 +27,8 @@ def test_layer_depth_reads_bert_parameter_names() -> None:
 
 def test_layerwise_groups_decay_towards_the_embeddings(tiny_classifier_dir: Path) -> None:
     model = HEADS.get("sequence-classification").build_model(str(tiny_classifier_dir), {0: "negative", 1: "positive"})
-    groups = layerwise_param_groups(model, learning_rate=1e-3, decay=0.5, weight_decay=0.01)
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # Trainer's rule; it uses no instance state
+    groups = layerwise_param_groups(model, learning_rate=1e-3, decay=0.5, weight_decay=0.01, decayed=decayed)
 
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # every parameter, once
