@@ -175,7 +175,7 @@ def score_records(batch: BatchRead, config: MonitorConfig) -> ScoredBatch:
     if fresh.empty:
         scored = fresh.assign(label=pd.Series(dtype=str), score=pd.Series(dtype=float), topic=pd.Series(dtype=str))
     else:
-        model = mlflow.pyfunc.load_model(uri)
+        model = mlflow.pyfunc.load_model(f"models:/{config.model_name}/{version.version}")  # the alias may move
         scored = attach_predictions(fresh, model.predict(pd.DataFrame({"text": fresh["text"]})))
     path = Path(batch.records_path).with_name("scored.parquet")
     scored.to_parquet(path, index=False)
