@@ -47,7 +47,7 @@ def main() -> None:
     import mlflow
     import pandas as pd
 
-    from tasks.settings import get_settings
+    from finetune_flows.tasks.core.settings import get_settings
 
     files = {key: sentences(args.phrasebank / f"Sentences_{key}.txt") for _, key in LEVELS if key != "50Agree"}
     texts, gold = test_split(args.seed)

@@ -139,7 +139,7 @@ def _baseline_trainer(spec: dict[str, Any], meter: Any) -> tuple[Any, str]:
         set_seed,
     )
 
-    from plugins import HEADS
+    from finetune_flows.plugins import HEADS
 
     name = spec["name"]
     set_seed(SEED)
@@ -212,9 +212,9 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         meter = _make_meter(spec["steps"])
         extra: dict[str, Any] = {}
         if spec["name"] == "ours":
-            from plugins import SCENARIOS
-            from tasks.config import Precision, TrainingConfig
-            from tasks.training import train_model
+            from finetune_flows.plugins import SCENARIOS
+            from finetune_flows.tasks.core.config import Precision, TrainingConfig
+            from finetune_flows.tasks.core.training import train_model
 
             config = TrainingConfig(
                 max_steps=spec["steps"],
@@ -343,7 +343,7 @@ def machine_info(threads: int | None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from tasks.training_options import bf16_is_fast
+    from finetune_flows.tasks.core.training_options import bf16_is_fast
 
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -373,9 +373,9 @@ def prepare_data(args: argparse.Namespace, work: Path, model_dir: Path) -> dict[
     from datasets import Dataset, disable_progress_bars, load_from_disk
     from transformers import AutoTokenizer
 
-    from plugins import SCENARIOS
-    from tasks.ingestion import IngestOptions, ingest_files
-    from tasks.tokenization import tokenize_dataset
+    from finetune_flows.plugins import SCENARIOS
+    from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+    from finetune_flows.tasks.core.tokenization import tokenize_dataset
 
     disable_progress_bars()
     cache_dir = work / "cache"
@@ -630,7 +630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tasks.model_source import minilm_path
+    from finetune_flows.tasks.core.model_source import minilm_path
 
     model_dir = minilm_path()
     out: Path = args.out.resolve()

@@ -51,9 +51,9 @@ def test_split(seed: int) -> tuple[list[str], list[str]]:
     """(texts, labels) of the held-back test split, as the ``finetune`` flow builds it."""
     import pandas as pd
 
-    from plugins import SCENARIOS
-    from tasks.config import FinetuneConfig
-    from tasks.ingestion import IngestOptions, ingest_files
+    from finetune_flows.plugins import SCENARIOS
+    from finetune_flows.tasks.core.config import FinetuneConfig
+    from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 
     config = FinetuneConfig.for_scenario(SCENARIO, {"training.seed": seed})
     scenario = SCENARIOS.get(SCENARIO)
@@ -74,9 +74,9 @@ def from_registry(uri: str, tracking_uri: str | None, work: Path) -> tuple[Path,
     import mlflow
     import yaml
 
-    from tasks.model_source import HF_SUBDIR
-    from tasks.serving import ONNX_ARTIFACT
-    from tasks.settings import get_settings
+    from finetune_flows.tasks.core.model_source import HF_SUBDIR
+    from finetune_flows.tasks.core.settings import get_settings
+    from finetune_flows.tasks.serving.classifier import ONNX_ARTIFACT
 
     mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or get_settings().tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(work / "registered")))
@@ -90,8 +90,8 @@ def from_registry(uri: str, tracking_uri: str | None, work: Path) -> tuple[Path,
 
 def export(model_dir: Path, work: Path, max_length: int) -> Path:
     """Export the checkpoint with the flow's own exporter (labels and max length in the metadata)."""
-    from tasks.export import export_onnx
-    from tasks.model_source import tokenizer_hash
+    from finetune_flows.tasks.core.model_source import tokenizer_hash
+    from finetune_flows.tasks.export.model_export import export_onnx
 
     return export_onnx(model_dir, work / "fp32" / "model.onnx", max_length, tokenizer_hash(model_dir))
 
@@ -146,7 +146,7 @@ def torch_scorer(model_dir: Path, max_length: int, batch_size: int) -> tuple[Sco
 
 
 def onnx_scorer(onnx_path: Path, tokenizer_json: Path, threads: int, batch_size: int) -> tuple[Scorer, Any]:
-    from tasks.serving import OnnxTextClassifier
+    from finetune_flows.tasks.serving.classifier import OnnxTextClassifier
 
     scorer = OnnxTextClassifier(onnx_path, tokenizer_json, threads=threads)
     return (lambda texts: scorer.logits(texts, batch_size)), scorer
@@ -155,7 +155,7 @@ def onnx_scorer(onnx_path: Path, tokenizer_json: Path, threads: int, batch_size:
 # -- measuring ------------------------------------------------------------------------------------
 def quality(logits: np.ndarray, model_labels: list[str], gold: list[str]) -> dict[str, Any]:
     """Accuracy and macro-F1 against the gold labels (over the union of gold and model labels)."""
-    from tasks.evaluation import classification_metrics
+    from finetune_flows.tasks.classification.evaluation import classification_metrics
 
     labels = sorted(set(gold) | set(model_labels))
     index = {label: i for i, label in enumerate(labels)}
@@ -225,7 +225,7 @@ def main() -> None:
 
     import torch
 
-    from tasks.config import FinetuneConfig
+    from finetune_flows.tasks.core.config import FinetuneConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,9 +43,9 @@ def model_folder(model_uri: str | None, work: Path) -> tuple[Path, Path, Path]:
     """(HF checkpoint folder, encoder.onnx, tokenizer.json) of the model to time."""
     import mlflow
 
-    from tasks.encoder_export import export_sentence_encoder
-    from tasks.model_source import minilm_path, resolve_model_source
-    from tasks.settings import get_settings
+    from finetune_flows.tasks.core.model_source import minilm_path, resolve_model_source
+    from finetune_flows.tasks.core.settings import get_settings
+    from finetune_flows.tasks.export.encoder_export import export_sentence_encoder
 
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     checkpoint = resolve_model_source(model_uri, work) if model_uri else minilm_path()
@@ -57,7 +57,7 @@ def torch_scorers(checkpoint: Path, max_length: int) -> dict[str, Callable[[list
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from tasks.encoder_export import mean_pool_normalise
+    from finetune_flows.tasks.export.encoder_export import mean_pool_normalise
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     encoder = AutoModel.from_pretrained(str(checkpoint), use_safetensors=True).eval()
@@ -109,11 +109,11 @@ def main() -> None:
 
     import pandas as pd
 
-    from tasks.pair_serving import PairScorerPyfunc
-    from tasks.ranking_data import interaction_folder, prepare_folder
-    from tasks.ranking_split import SplitOptions
-    from tasks.recommending import RecommendConfig, recommend_for
-    from tasks.topics import SentenceEncoder
+    from finetune_flows.tasks.ranking.dataset import interaction_folder, prepare_folder
+    from finetune_flows.tasks.ranking.recommending import RecommendConfig, recommend_for
+    from finetune_flows.tasks.ranking.split import SplitOptions
+    from finetune_flows.tasks.serving.encoder import SentenceEncoder
+    from finetune_flows.tasks.serving.pair_scorer import PairScorerPyfunc
 
     folder = interaction_folder(str(args.data) if args.data else None, "recommendation")
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 Loads the taxonomy and the labelled sample (``docs/topic_labelling.md`` says how it was drawn and
 labelled), exports all-MiniLM-L6-v2 to ONNX in a temporary folder (or reuses ``--encoder``) and
-checks it against PyTorch, then scores every sentence with ``tasks.topics.TopicAssigner``.
+checks it against PyTorch, then scores every sentence with ``tasks.serving.topics.TopicAssigner``.
 
 Choosing on the sample inflates figures measured on it, so choices are made on the first half
 (rows 0-79, the "tune" part) only: for each scoring rule (mean of the top-k reference
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tasks.topics import (  # noqa: E402  (after the sys.path line: runs as a script from anywhere)
+from finetune_flows.tasks.serving.topics import (  # noqa: E402  (after the sys.path line: runs as a script from anywhere)
     DEFAULT_TAXONOMY,
     DEFAULT_TOP_K,
     SentenceEncoder,
@@ -49,9 +49,9 @@ SWEEP = np.round(np.arange(0.10, 0.601, 0.05), 2)
 
 def draw_sample(seed: int = SAMPLE_SEED, size: int = SAMPLE_SIZE) -> pd.DataFrame:
     """The sample's rows of the FinBERT-protocol test split, drawn as docs/topic_labelling.md says."""
-    from plugins import SCENARIOS
-    from tasks.config import FinetuneConfig
-    from tasks.ingestion import IngestOptions, ingest_files
+    from finetune_flows.plugins import SCENARIOS
+    from finetune_flows.tasks.core.config import FinetuneConfig
+    from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 
     cfg = FinetuneConfig.for_scenario("finance-monitoring")
     scenario = SCENARIOS.get("finance-monitoring")
@@ -162,13 +162,13 @@ def main() -> None:
         sentiment = drawn["label"].tolist()
 
     # 3. The encoder: exported here and checked against PyTorch, unless one is given.
-    from tasks.model_source import minilm_path
+    from finetune_flows.tasks.core.model_source import minilm_path
 
     model_dir = minilm_path()
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, parity = args.encoder, None
         if onnx_path is None:
-            from tasks.encoder_export import check_encoder_parity, export_sentence_encoder
+            from finetune_flows.tasks.export.encoder_export import check_encoder_parity, export_sentence_encoder
 
             onnx_path = export_sentence_encoder(model_dir, Path(tmp) / "minilm.onnx")
             parity = check_encoder_parity(onnx_path, model_dir, texts)

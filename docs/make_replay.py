@@ -88,9 +88,9 @@ HOUR_WEIGHTS = np.array([1, 1, 1, 1, 2, 4, 8, 10, 10, 10, 10, 9, 9, 9, 8, 7, 6, 
 
 def test_split(seed: int) -> pd.DataFrame:
     """The held-back test split of the bundled PhraseBank sample (columns text, label), as the flow builds it."""
-    from plugins import SCENARIOS
-    from tasks.config import FinetuneConfig
-    from tasks.ingestion import IngestOptions, ingest_files
+    from finetune_flows.plugins import SCENARIOS
+    from finetune_flows.tasks.core.config import FinetuneConfig
+    from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 
     config = FinetuneConfig.for_scenario(SCENARIO, {"training.seed": seed})
     scenario = SCENARIOS.get(SCENARIO)

@@ -10,16 +10,16 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
-from flows.train import fine_tune, hand_off_training, run_training, stage_failed, train_stage
-from tasks.config import FinetuneConfig
-from tasks.evaluation import evaluate_model
-from tasks.export import export_model, export_topic_encoder
-from tasks.ingestion import ingest_data
-from tasks.model_source import fetch_model
-from tasks.registration import register_version
-from tasks.tokenization import tokenize_data
-from tasks.tracking import start_run
-from tasks.training import fine_tune_request
+from finetune_flows.flows.train import fine_tune, hand_off_training, run_training, stage_failed, train_stage
+from finetune_flows.tasks.classification.evaluation import evaluate_model
+from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.ingestion import ingest_data
+from finetune_flows.tasks.core.model_source import fetch_model
+from finetune_flows.tasks.core.tokenization import tokenize_data
+from finetune_flows.tasks.core.tracking import start_run
+from finetune_flows.tasks.core.training import fine_tune_request
+from finetune_flows.tasks.export.model_export import export_model, export_topic_encoder
+from finetune_flows.tasks.publishing.registration import register_version
 
 HEADLINE = ("accuracy", "macro_f1", "ece")
 STAGES = (

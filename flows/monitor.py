@@ -9,8 +9,8 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
-from tasks.monitoring import MonitorConfig, read_batch, score_records
-from tasks.trends import Alert, compute_trends, detect_spikes, report, store_records
+from finetune_flows.tasks.monitoring.scoring import MonitorConfig, read_batch, score_records
+from finetune_flows.tasks.monitoring.trends import Alert, compute_trends, detect_spikes, report, store_records
 
 
 class MonitorSummary(BaseModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.recommending import RecommendConfig, RecommendResult, fetch_scorer, recommend_items
+from finetune_flows.tasks.ranking.recommending import RecommendConfig, RecommendResult, fetch_scorer, recommend_items
 
 
 @flow(name="recommend", log_prints=False)

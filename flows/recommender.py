@@ -9,15 +9,15 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
-from flows.train import stage_failed
-from tasks.encoder_export import export_pair_encoder
-from tasks.model_source import fetch_model
-from tasks.pair_training import fine_tune_pairs
-from tasks.ranking_config import RecommenderConfig
-from tasks.ranking_data import prepare_interactions
-from tasks.ranking_eval import evaluate_ranking
-from tasks.ranking_registration import register_recommender
-from tasks.tracking import start_run
+from finetune_flows.flows.train import stage_failed
+from finetune_flows.tasks.core.model_source import fetch_model
+from finetune_flows.tasks.core.tracking import start_run
+from finetune_flows.tasks.export.encoder_export import export_pair_encoder
+from finetune_flows.tasks.ranking.config import RecommenderConfig
+from finetune_flows.tasks.ranking.dataset import prepare_interactions
+from finetune_flows.tasks.ranking.evaluation import evaluate_ranking
+from finetune_flows.tasks.ranking.pair_training import fine_tune_pairs
+from finetune_flows.tasks.ranking.registration import register_recommender
 
 STAGES = (
     start_run,

@@ -25,13 +25,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flows.finetune import FinetuneSummary, finetune
-from flows.train import stage_failed
-from plugins import SCENARIOS, DataError
-from tasks.config import MINILM, FinetuneConfig, TrainingConfig, known_scenario, validated
-from tasks.promotion import CHAMPION, version_with_key
-from tasks.settings import get_settings
-from tasks.tables import clean_rows, file_sha256, read_table, resolve_columns
+from finetune_flows.flows.finetune import FinetuneSummary, finetune
+from finetune_flows.flows.train import stage_failed
+from finetune_flows.plugins import SCENARIOS, DataError
+from finetune_flows.tasks.core.config import MINILM, FinetuneConfig, TrainingConfig, known_scenario, validated
+from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_table, resolve_columns
+from finetune_flows.tasks.publishing.promotion import CHAMPION, version_with_key
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from prefect import Flow, Task, flow, task
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Failed
 
-from tasks.training import TrainRequest, TrainResult, prefect_progress_callback, train_tracked
+from finetune_flows.tasks.core.training import TrainRequest, TrainResult, prefect_progress_callback, train_tracked
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def stage_failed(exc: Exception, stages: Iterable[Task[..., Any] | Flow[..., Any
 
 
 def launch_distributed(request: TrainRequest) -> TrainResult:
-    """Train with ``torchrun --nproc_per_node N -m tasks.training``: one process per device, DDP.
+    """Train with ``torchrun --nproc_per_node N -m finetune_flows.tasks.core.training``: one process per device, DDP.
 
     On CPU the processes talk gloo; with GPUs each gets its own process and NCCL. Their output
     goes to this stage's log; the main process writes the result file read here.
@@ -76,12 +76,10 @@ def launch_distributed(request: TrainRequest) -> TrainResult:
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={request.training.processes}", "-m", "tasks.training", str(request_path),
+        f"--nproc_per_node={request.training.processes}", "-m", "finetune_flows.tasks.core.training", str(request_path),
     ]  # fmt: skip
     logger.info("launching %s", " ".join(command))
-    root = str(Path(__file__).resolve().parents[1])
-    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "TQDM_DISABLE": "1"}  # progress bars would flood the log
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would flood the log
     tail: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None

@@ -3,7 +3,7 @@
 Nothing in this package imports torch at import time, so listing plugins stays cheap.
 """
 
-from plugins.errors import (
+from finetune_flows.plugins.errors import (
     ConfigError,
     DataError,
     FinetuneFlowsError,
@@ -11,7 +11,7 @@ from plugins.errors import (
     PluginError,
     PromotionError,
 )
-from plugins.registry import API_VERSION, HEADS, SCENARIOS, Registry
+from finetune_flows.plugins.registry import API_VERSION, HEADS, SCENARIOS, Registry
 
 __all__ = [
     "API_VERSION",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plugins.errors import DataError
+from finetune_flows.plugins.errors import DataError
 
 
 def decode_utf8(path: Path, raw: bytes) -> str:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar, cast
 
-from plugins.errors import PluginError
-from plugins.specs import Scenario, TaskHead
+from finetune_flows.plugins.errors import PluginError
+from finetune_flows.plugins.specs import Scenario, TaskHead
 
 logger = logging.getLogger(__name__)
 

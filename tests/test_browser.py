@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flows.services import ServiceRecord
+from finetune_flows.flows.cli.services import ServiceRecord
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
-from plugins import HEADS, SCENARIOS, ConfigError
-from plugins.scenarios.sentiment import SentimentScenario
-from plugins.specs import ScenarioDefaults
-from tasks.config import FinetuneConfig, Precision, parse_overrides
+from finetune_flows.plugins import HEADS, SCENARIOS, ConfigError
+from finetune_flows.plugins.scenarios.sentiment import SentimentScenario
+from finetune_flows.plugins.specs import ScenarioDefaults
+from finetune_flows.tasks.core.config import FinetuneConfig, Precision, parse_overrides
 
 # Where each field of ScenarioDefaults lands in FinetuneConfig.
 DEFAULT_PATHS = {
@@ -56,7 +56,7 @@ def test_scenario_defaults_differ_from_the_model_defaults() -> None:
     or taking them would be indistinguishable from ignoring them."""
     from types import SimpleNamespace
 
-    from tasks.config import DataConfig, ModelConfig, TrainingConfig
+    from finetune_flows.tasks.core.config import DataConfig, ModelConfig, TrainingConfig
 
     plain = SimpleNamespace(data=DataConfig(), model=ModelConfig(), training=TrainingConfig())
     defaults = SentimentScenario.defaults
@@ -255,7 +255,7 @@ def test_schema_check_catches_what_it_guards_against() -> None:
 
 def test_a_partial_config_takes_the_scenarios_defaults() -> None:
     """A deployment or API call that names only the scenario gets that scenario's defaults."""
-    from plugins.scenarios.finance import FinanceScenario
+    from finetune_flows.plugins.scenarios.finance import FinanceScenario
 
     partial = FinetuneConfig.model_validate({"scenario": "finance-monitoring", "training": {"epochs": 2}})
     defaults = FinanceScenario.defaults

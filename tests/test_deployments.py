@@ -59,7 +59,7 @@ def test_parameters_validate_against_the_flow(name: str) -> None:
 
 @pytest.mark.parametrize(("name", "scenario"), sorted(FINETUNE_SCENARIOS.items()))
 def test_finetune_parameters_reproduce_the_scenario_defaults(name: str, scenario: str) -> None:
-    from tasks.config import FinetuneConfig
+    from finetune_flows.tasks.core.config import FinetuneConfig
 
     deployment = DEPLOYMENTS[name]
     assert deployment["entrypoint"] == "flows/finetune.py:finetune"
@@ -76,7 +76,7 @@ def test_monitor_runs_every_15_minutes() -> None:
 
 
 def test_monitor_scores_the_model_that_finance_finetune_registers() -> None:
-    from tasks.config import FinetuneConfig
+    from finetune_flows.tasks.core.config import FinetuneConfig
 
     finetune = FinetuneConfig.model_validate(DEPLOYMENTS["finance-finetune"]["parameters"]["config"])
     assert DEPLOYMENTS["finance-monitor"]["parameters"]["config"]["model_name"] == finetune.model_name
@@ -100,7 +100,7 @@ def test_runs_start_in_the_worker_directory() -> None:
 
 @pytest.mark.parametrize("name", sorted(TRAIN_DEPLOYMENTS))
 def test_train_deployments_run_the_training_stage_on_the_gpu_pool(name: str) -> None:
-    from flows.train import train_stage
+    from finetune_flows.flows.train import train_stage
 
     deployment = DEPLOYMENTS[name]
     flow = load_flow(deployment)
@@ -114,7 +114,7 @@ def test_train_deployments_run_the_training_stage_on_the_gpu_pool(name: str) -> 
 def test_retrain_deployments_are_scheduled_and_hand_training_to_the_gpu_pool(name: str, scenario: str) -> None:
     from zoneinfo import ZoneInfo
 
-    from flows.retrain import RetrainConfig
+    from finetune_flows.flows.retrain import RetrainConfig
 
     deployment = DEPLOYMENTS[name]
     assert deployment["entrypoint"] == "flows/retrain.py:retrain"

@@ -11,13 +11,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows.train import launch_distributed
-from plugins import SCENARIOS
-from tasks.config import TrainingConfig
-from tasks.ingestion import IngestOptions, ingest_files
-from tasks.tokenization import tokenize_dataset
-from tasks.tracking import RunInfo
-from tasks.training import TrainRequest
+from finetune_flows.flows.train import launch_distributed
+from finetune_flows.plugins import SCENARIOS
+from finetune_flows.tasks.core.config import TrainingConfig
+from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.tokenization import tokenize_dataset
+from finetune_flows.tasks.core.tracking import RunInfo
+from finetune_flows.tasks.core.training import TrainRequest
 
 
 def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_files, tmp_path, caplog) -> None:
@@ -49,7 +49,7 @@ def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_
         ),
     )
 
-    with caplog.at_level(logging.INFO, logger="flows.train"):
+    with caplog.at_level(logging.INFO, logger="finetune_flows.flows.train"):
         result = launch_distributed(request)
 
     assert result.world_size == 2 and result.steps == 4

@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugins import SCENARIOS
-from tasks.evaluation import classification_metrics, evaluate_checkpoint, expected_calibration_error
-from tasks.ingestion import IngestOptions, ingest_files
+from finetune_flows.plugins import SCENARIOS
+from finetune_flows.tasks.classification.evaluation import (
+    classification_metrics,
+    evaluate_checkpoint,
+    expected_calibration_error,
+)
+from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ID2LABEL = {0: "negative", 1: "positive"}

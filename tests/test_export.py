@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugins import SCENARIOS, ParityError
-from tasks.export import PARITY_BATCH_SIZES, check_parity, export_onnx, parity_texts
-from tasks.ingestion import IngestOptions, ingest_files
-from tasks.model_source import tokenizer_hash
-from tasks.serving import OnnxTextClassifier
+from finetune_flows.plugins import SCENARIOS, ParityError
+from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.model_source import tokenizer_hash
+from finetune_flows.tasks.export.model_export import PARITY_BATCH_SIZES, check_parity, export_onnx, parity_texts
+from finetune_flows.tasks.serving.classifier import OnnxTextClassifier
 
 # torch.onnx (dynamo) warns that the input axes sharing one constraint keep a single name.
 pytestmark = pytest.mark.filterwarnings("ignore:.*axis name.*:UserWarning")

@@ -9,8 +9,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from flows.finetune import finetune
-from tasks.config import FinetuneConfig
+from finetune_flows.flows.finetune import finetune
+from finetune_flows.tasks.core.config import FinetuneConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from plugins import SCENARIOS, DataError
-from tasks.config import FinetuneConfig
-from tasks.ingestion import IngestOptions, ingest_files
-from tasks.training_options import balanced_class_weights
+from finetune_flows.plugins import SCENARIOS, DataError
+from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.training_options import balanced_class_weights
 
 SCENARIO = SCENARIOS.get("finance-monitoring")
 BUNDLED = SCENARIO.sample().train

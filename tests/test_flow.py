@@ -9,10 +9,10 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from flows.finetune import finetune
-from plugins import DataError, ParityError, PromotionError
-from tasks.config import FinetuneConfig
-from tasks.model_source import resolve_model_source, tokenizer_hash
+from finetune_flows.flows.finetune import finetune
+from finetune_flows.plugins import DataError, ParityError, PromotionError
+from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.model_source import resolve_model_source, tokenizer_hash
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

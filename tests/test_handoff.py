@@ -15,9 +15,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows.finetune import finetune
-from tasks.config import FinetuneConfig
-from tasks.training import RESULT_FILE, TrainResult
+from finetune_flows.flows.finetune import finetune
+from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.training import RESULT_FILE, TrainResult
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

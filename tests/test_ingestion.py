@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from plugins import SCENARIOS, DataError
-from plugins.specs import DataLayout, Scenario, ScenarioBase
-from tasks.ingestion import IngestOptions, IngestResult, ingest_files, stratified_split
-from tasks.tables import clean_rows, read_table, resolve_columns
+from finetune_flows.plugins import SCENARIOS, DataError
+from finetune_flows.plugins.specs import DataLayout, Scenario, ScenarioBase
+from finetune_flows.tasks.core.ingestion import IngestOptions, IngestResult, ingest_files, stratified_split
+from finetune_flows.tasks.core.tables import clean_rows, read_table, resolve_columns
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 SST2_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "sst2" / "dev.tsv"

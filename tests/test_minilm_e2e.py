@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows.finetune import finetune
-from tasks.config import FinetuneConfig
+from finetune_flows.flows.finetune import finetune
+from finetune_flows.tasks.core.config import FinetuneConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 

@@ -22,11 +22,11 @@ import pytest
 from mlflow.pyfunc import PythonModel
 from pydantic import ValidationError
 
-from plugins import DataError
-from tasks.batch_records import BadRecordPolicy, check_batch, read_source
-from tasks.monitoring import MonitorConfig, attach_predictions
-from tasks.record_store import StoreResult, store_frame, stored_mask
-from tasks.trends import Alert, batch_trend, find_spikes
+from finetune_flows.plugins import DataError
+from finetune_flows.tasks.monitoring.batch_records import BadRecordPolicy, check_batch, read_source
+from finetune_flows.tasks.monitoring.record_store import StoreResult, store_frame, stored_mask
+from finetune_flows.tasks.monitoring.scoring import MonitorConfig, attach_predictions
+from finetune_flows.tasks.monitoring.trends import Alert, batch_trend, find_spikes
 
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2024, 3, 4, tzinfo=UTC)
@@ -284,11 +284,11 @@ sys.modules["torch"] = None  # any "import torch" now raises ImportError
 sys.modules["transformers"] = None
 from pathlib import Path
 import pandas as pd
-import flows.monitor
-from tasks.batch_records import read_source
-from tasks.monitoring import MonitorConfig, attach_predictions
-from tasks.record_store import store_frame
-from tasks.trends import batch_trend, find_spikes
+import finetune_flows.flows.monitor
+from finetune_flows.tasks.monitoring.batch_records import read_source
+from finetune_flows.tasks.monitoring.scoring import MonitorConfig, attach_predictions
+from finetune_flows.tasks.monitoring.record_store import store_frame
+from finetune_flows.tasks.monitoring.trends import batch_trend, find_spikes
 
 folder = Path(sys.argv[1])
 rows = [("2024-03-04T%02d:%02d:00Z" % (h, m), "wire", "Bank %d news %d" % (h, m)) for h in range(8) for m in range(10)]
@@ -320,7 +320,7 @@ def test_monitor_path_runs_without_torch(tmp_path: Path) -> None:
 
 def register_keyword_model(name: str = "finance-monitoring") -> None:
     """Log ``KeywordModel`` as a pyfunc, register it as ``name`` and give it alias ``champion``."""
-    from tasks.settings import get_settings
+    from finetune_flows.tasks.core.settings import get_settings
 
     settings = get_settings()
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -346,7 +346,7 @@ def read_artifact(key: str) -> str:
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_monitor_flow_scores_stores_alerts_and_replays(state_dir: Path, tmp_path: Path) -> None:
-    from flows.monitor import monitor
+    from finetune_flows.flows.monitor import monitor
 
     register_keyword_model()
     folder = bad_batch(tmp_path / "batch")
@@ -387,7 +387,7 @@ def test_monitor_flow_scores_stores_alerts_and_replays(state_dir: Path, tmp_path
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_monitor_flow_fails_on_a_batch_without_good_records(state_dir: Path, tmp_path: Path) -> None:
-    from flows.monitor import monitor
+    from finetune_flows.flows.monitor import monitor
 
     (tmp_path / "bad.jsonl").write_text('{"timestamp": "soon", "source": "x", "text": "Bank A"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"no good record in the batch \(1 bad; first: unparsable timestamp"):

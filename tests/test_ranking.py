@@ -10,11 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from plugins import DataError
-from tasks.baselines import Catalogue, MfOptions, item_knn_scores, mf_scores, popularity_scores, train_bpr
-from tasks.interactions import item_text, read_interactions, top_tags
-from tasks.ranking_metrics import ranking_metrics, score_metrics, target_ranks
-from tasks.ranking_split import PROFILE_PREFIX, SplitOptions, leave_one_out, short_title
+from finetune_flows.plugins import DataError
+from finetune_flows.tasks.ranking.baselines import (
+    Catalogue,
+    MfOptions,
+    item_knn_scores,
+    mf_scores,
+    popularity_scores,
+    train_bpr,
+)
+from finetune_flows.tasks.ranking.interactions import item_text, read_interactions, top_tags
+from finetune_flows.tasks.ranking.metrics import ranking_metrics, score_metrics, target_ranks
+from finetune_flows.tasks.ranking.split import PROFILE_PREFIX, SplitOptions, leave_one_out, short_title
 
 ITEMS = {
     "1": "Alien (1979)",
@@ -99,7 +106,7 @@ def test_a_future_rating_does_not_change_past_profiles(tmp_path: Path) -> None:
 
 
 def test_no_profile_on_the_bundled_sample_looks_ahead() -> None:
-    from plugins import SCENARIOS
+    from finetune_flows.plugins import SCENARIOS
 
     log = read_interactions(SCENARIOS.get("recommendation").sample().train)
     split = leave_one_out(log.ratings, log.items, SplitOptions(profile_items=200))

@@ -10,11 +10,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from flows.recommend import recommend
-from flows.recommender import finetune_recommender
-from plugins import DataError
-from tasks.ranking_config import RecommenderConfig
-from tasks.recommending import RecommendConfig
+from finetune_flows.flows.recommend import recommend
+from finetune_flows.flows.recommender import finetune_recommender
+from finetune_flows.plugins import DataError
+from finetune_flows.tasks.ranking.config import RecommenderConfig
+from finetune_flows.tasks.ranking.recommending import RecommendConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -20,12 +20,12 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-import plugins.registry
-from flows.cli import main
-from plugins import API_VERSION, HEADS, SCENARIOS, PluginError, Registry
-from plugins.heads.sequence_classification import SequenceClassificationHead
-from plugins.scenarios.sentiment import SentimentScenario
-from plugins.specs import LabelKind, Scenario, ScenarioBase, TaskHead
+import finetune_flows.plugins.registry as registry_module
+from finetune_flows.flows.cli.main import main
+from finetune_flows.plugins import API_VERSION, HEADS, SCENARIOS, PluginError, Registry
+from finetune_flows.plugins.heads.sequence_classification import SequenceClassificationHead
+from finetune_flows.plugins.scenarios.sentiment import SentimentScenario
+from finetune_flows.plugins.specs import LabelKind, Scenario, ScenarioBase, TaskHead
 
 TEST_GROUP = "finetune_flows_test.heads"
 
@@ -119,7 +119,7 @@ def fake_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     def fake(*, group: str) -> list[EntryPoint]:
         return [ep for ep in eps if ep.group == group]
 
-    monkeypatch.setattr(plugins.registry, "entry_points", fake)
+    monkeypatch.setattr(registry_module, "entry_points", fake)
     yield eps
     for module in _MODULES:
         sys.modules.pop(module, None)
@@ -302,13 +302,15 @@ def test_available_skips_broken_plugins_with_a_warning(
 ) -> None:
     registry = new_registry()
     toy = registry.register(ToyHead)
-    caplog.set_level(logging.WARNING, logger="plugins.registry")
+    caplog.set_level(logging.WARNING, logger="finetune_flows.plugins.registry")
 
     found = registry.available()
 
     assert sorted(found) == ["good-head", "toy-head"]
     assert found["toy-head"] is toy
-    warnings = [r for r in caplog.records if r.name == "plugins.registry" and r.levelno == logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name == "finetune_flows.plugins.registry" and r.levelno == logging.WARNING
+    ]
     messages = sorted(r.getMessage() for r in warnings)
     assert len(messages) == 3
     assert re.search(r"skipping import-fails: .*RuntimeError: libcuda\.so not found", messages[0])
@@ -323,8 +325,10 @@ def test_builtins_are_declared_as_entry_points() -> None:
     heads = {ep.name: ep.value for ep in entry_points(group=HEADS.group)}
     scenarios = {ep.name: ep.value for ep in entry_points(group=SCENARIOS.group)}
 
-    assert heads["sequence-classification"] == ("plugins.heads.sequence_classification:SequenceClassificationHead")
-    assert scenarios["sentiment"] == "plugins.scenarios.sentiment:SentimentScenario"
+    assert heads["sequence-classification"] == (
+        "finetune_flows.plugins.heads.sequence_classification:SequenceClassificationHead"
+    )
+    assert scenarios["sentiment"] == "finetune_flows.plugins.scenarios.sentiment:SentimentScenario"
 
 
 def test_builtins_load_from_the_real_entry_points() -> None:
@@ -358,7 +362,9 @@ def test_cli_plugins_lists_builtins_with_descriptions(capsys: pytest.CaptureFixt
 
 
 def test_cli_plugins_does_not_import_torch(tmp_path: Path) -> None:
-    code = "import sys; from flows.cli import main; main(['plugins']); print('torch' in sys.modules)"
+    code = (
+        "import sys; from finetune_flows.flows.cli.main import main; main(['plugins']); print('torch' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
     )
@@ -372,12 +378,12 @@ def test_two_packages_claiming_one_name_fail_that_name_only(monkeypatch, caplog)
     """A name registered by two different targets is an error naming both; listing skips only that name."""
     from importlib.metadata import EntryPoint
 
-    import plugins.registry as registry_module
-    from plugins import PluginError, Registry
-    from plugins.specs import TaskHead
+    import finetune_flows.plugins.registry as registry_module
+    from finetune_flows.plugins import PluginError, Registry
+    from finetune_flows.plugins.specs import TaskHead
 
     group = "test.clash"
-    good = "plugins.heads.sequence_classification:SequenceClassificationHead"
+    good = "finetune_flows.plugins.heads.sequence_classification:SequenceClassificationHead"
     points = [
         EntryPoint(name="clash", value="vendor_a.heads:Head", group=group),
         EntryPoint(name="clash", value="vendor_b.heads:Head", group=group),

@@ -11,12 +11,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-import tasks.promotion as promotion
-from flows.finetune import finetune
-from flows.retrain import RetrainConfig, plan_retrain, retrain
-from tasks.config import FinetuneConfig
-from tasks.promotion import Candidate, promote_locked, promote_version
-from tasks.settings import get_settings
+import finetune_flows.tasks.publishing.promotion as promotion
+from finetune_flows.flows.finetune import finetune
+from finetune_flows.flows.retrain import RetrainConfig, plan_retrain, retrain
+from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.publishing.promotion import Candidate, promote_locked, promote_version
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.services import PREFECT_YAML, ROOT, ServiceRecord, group_members, is_healthy, work_pools
+from finetune_flows.flows.cli.services import PREFECT_YAML, ROOT, ServiceRecord, group_members, is_healthy, work_pools
 from tests.conftest import free_port, services_environment
 from tests.conftest import run_cli as cli
 
@@ -114,8 +114,8 @@ def test_down_stops_every_process_of_ours(services: dict[str, str]) -> None:
 def test_a_taken_port_is_named_with_the_setting_that_moves_it(tmp_path: Path) -> None:
     import socket
 
-    from flows.services import ServiceError, read_record, up
-    from tasks.settings import Settings
+    from finetune_flows.flows.cli.services import ServiceError, read_record, up
+    from finetune_flows.tasks.core.settings import Settings
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -131,7 +131,7 @@ def test_a_service_that_never_answers_is_named_with_its_log(tmp_path: Path) -> N
     import subprocess
     import time
 
-    from flows.services import Service, ServiceError, _wait_healthy
+    from finetune_flows.flows.cli.services import Service, ServiceError, _wait_healthy
 
     with subprocess.Popen(["sleep", "30"], start_new_session=True) as sleeper:
         service = Service(name="mlflow-server", pid=sleeper.pid, log=str(tmp_path / "mlflow-server.log"),

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from plugins import SCENARIOS
-from tasks.ingestion import IngestOptions, IngestResult, ingest_files
-from tasks.tokenization import tokenize_dataset
+from finetune_flows.plugins import SCENARIOS
+from finetune_flows.tasks.core.ingestion import IngestOptions, IngestResult, ingest_files
+from finetune_flows.tasks.core.tokenization import tokenize_dataset
 
 HEAD = "sequence-classification"
 
@@ -110,7 +110,7 @@ def test_second_call_reuses_the_cache(
     )
     first = tokenize_dataset(*args)
 
-    caplog.set_level(logging.INFO, logger="tasks.tokenization")
+    caplog.set_level(logging.INFO, logger="finetune_flows.tasks.core.tokenization")
     second = tokenize_dataset(*args)
 
     assert not first.cached

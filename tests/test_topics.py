@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plugins import ConfigError, ParityError
-from tasks.encoder_export import check_encoder_parity, export_sentence_encoder
-from tasks.topics import (
+from finetune_flows.plugins import ConfigError, ParityError
+from finetune_flows.tasks.export.encoder_export import check_encoder_parity, export_sentence_encoder
+from finetune_flows.tasks.serving.topics import (
     DEFAULT_TAXONOMY,
     ENCODER_FILE,
     TAXONOMY_FILE,
@@ -267,7 +267,7 @@ def test_scoring_imports_no_torch(tiny_onnx: Path, tiny_model_dir: Path) -> None
         f"""
         import sys
         sys.modules["torch"] = None  # any "import torch" now raises ImportError
-        from tasks.topics import SentenceEncoder, TopicAssigner, load_taxonomy
+        from finetune_flows.tasks.serving.topics import SentenceEncoder, TopicAssigner, load_taxonomy
         encoder = SentenceEncoder({str(tiny_onnx)!r}, {str(tiny_model_dir / "tokenizer.json")!r})
         rows = encoder.encode(["Net profit rose 12 %", "The company cut 500 jobs"])
         topics = TopicAssigner(encoder, load_taxonomy()).assign(["Net profit rose 12 %"])

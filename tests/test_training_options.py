@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from transformers import Trainer, TrainerCallback
 
-from plugins import HEADS, SCENARIOS
-from tasks.config import FinetuneConfig, TrainingConfig
-from tasks.ingestion import IngestOptions, ingest_files
-from tasks.tokenization import tokenize_dataset
-from tasks.training import train_model
-from tasks.training_options import layer_depth, layerwise_param_groups
+from finetune_flows.plugins import HEADS, SCENARIOS
+from finetune_flows.tasks.core.config import FinetuneConfig, TrainingConfig
+from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.tokenization import tokenize_dataset
+from finetune_flows.tasks.core.training import train_model
+from finetune_flows.tasks.core.training_options import layer_depth, layerwise_param_groups
 
 
 def test_layer_depth_reads_bert_parameter_names() -> None:

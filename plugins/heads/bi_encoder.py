@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from plugins.heads import softmax
-from plugins.specs import LabelKind
+from finetune_flows.plugins.heads import softmax
+from finetune_flows.plugins.specs import LabelKind
 
 
 class BiEncoderHead:

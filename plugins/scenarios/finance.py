@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from plugins.errors import DataError
-from plugins.readers import decode_utf8
-from plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
+from finetune_flows.plugins.errors import DataError
+from finetune_flows.plugins.readers import decode_utf8
+from finetune_flows.plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
 
 if TYPE_CHECKING:
     import pandas as pd

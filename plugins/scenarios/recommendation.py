@@ -1,7 +1,7 @@
 """Scenario ``recommendation``: rank items for users from interaction logs with item text.
 
 Reads a folder in the MovieLens layout (ratings.csv, movies.csv, tags.csv) or the generic one
-(interactions.csv user,item,rating,timestamp + items.csv item,text); see ``tasks.interactions``.
+(interactions.csv user,item,rating,timestamp + items.csv item,text); see ``tasks.ranking.interactions``.
 Evaluated leave-one-out by time against 99 sampled negatives; promotion uses NDCG@10.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
+from finetune_flows.plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
 
 _SAMPLE = Path(__file__).parent / "data" / "movielens_sample"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
+from finetune_flows.plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
 
 _SAMPLE = Path(__file__).parent / "data" / "sst2_sample"
 

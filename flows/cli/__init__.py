@@ -1,0 +1,1 @@
+"""The ``finetune-flows`` command line and the service supervisor behind ``up``/``down``."""

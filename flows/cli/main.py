@@ -1,0 +1,255 @@
+"""The ``finetune-flows`` command line.
+
+    finetune-flows plugins
+    finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
+    finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
+    finetune-flows up | down | status
+
+With nothing configured, Prefect and MLflow keep their state under ``.finetune-flows/``
+(see ``tasks.core.settings``). ``plugins`` reads entry points only and never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("finetune_flows.flows.cli.main")
+
+
+def _prepare_environment() -> None:
+    """Embedded defaults for Prefect, set before Prefect is imported; explicit settings win."""
+    from finetune_flows.tasks.core.settings import get_settings
+
+    settings = get_settings()
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server's 20 s start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "finetune_flows")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_LOGGED_MODEL_TRACE", "false")
+
+
+def cmd_plugins(_: argparse.Namespace) -> int:
+    from finetune_flows.plugins import HEADS, SCENARIOS
+
+    for registry in (HEADS, SCENARIOS):
+        sys.stdout.write(f"{registry.kind}s ({registry.group}):\n")
+        for name, plugin in registry.available().items():
+            sys.stdout.write(f"  {name:<26} {plugin.description}\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from finetune_flows.plugins import HEADS, SCENARIOS
+    from finetune_flows.plugins.specs import LabelKind
+    from finetune_flows.tasks.core.config import FinetuneConfig, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    if (
+        args.scenario in SCENARIOS.names()
+        and HEADS.get(SCENARIOS.get(args.scenario).head).label_kind is LabelKind.RANKING
+    ):
+        return _run_recommender(args.scenario, args.data, overrides)
+    if args.data:
+        overrides["data.train_path"] = args.data[0]
+        if len(args.data) > 1:
+            overrides["data.eval_path"] = args.data[1]
+    config = FinetuneConfig.for_scenario(args.scenario, overrides)
+    _prepare_environment()
+    from finetune_flows.flows.finetune import finetune
+
+    summary = finetune(config)
+    out = sys.stdout
+    out.write("\n=== finetune-flows: run complete ===\n")
+    out.write(f"registered model : {summary.model_name}\n")
+    out.write(f"version          : {summary.version}\n")
+    out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
+    out.write(f"promotion        : {summary.decision}\n")
+    for key, value in summary.metrics.items():
+        label = f"test {key.removeprefix('test_')}" if key.startswith("test_") else f"eval {key}"
+        out.write(f"{label:<17}: {value:.4f}\n")
+    out.write(f"ONNX             : {summary.onnx_path}\n")
+    out.write(f"training time    : {summary.train_seconds:.0f} s\n")
+    out.write(
+        f"cache            : ingest {'reused' if summary.reused_ingest else 'built'}, "
+        f"tokens {'reused' if summary.reused_tokens else 'built'}\n"
+    )
+    return 0
+
+
+def _run_recommender(scenario: str, data: list[str] | None, overrides: dict[str, object]) -> int:
+    from finetune_flows.tasks.ranking.config import RecommenderConfig
+
+    if data:
+        overrides["data.path"] = data[0]
+    config = RecommenderConfig.for_scenario(scenario, overrides)
+    _prepare_environment()
+    from finetune_flows.flows.recommender import finetune_recommender
+
+    summary = finetune_recommender(config)
+    out = sys.stdout
+    out.write("\n=== finetune-flows: recommender run complete ===\n")
+    out.write(
+        f"registered model : {summary.model_name} v{summary.version} ({', '.join(summary.aliases) or 'no alias'})\n"
+    )
+    out.write(f"promotion        : {summary.decision}\n")
+    out.write(
+        f"skipped          : {summary.skipped_rows} bad rows, {summary.skipped_users} users with too few positives\n"
+    )
+    out.write(f"training time    : {summary.train_seconds:.0f} s\n")
+    out.write(Path(summary.ranking_table).read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from finetune_flows.tasks.core.config import parse_overrides, validated
+    from finetune_flows.tasks.ranking.recommending import RecommendConfig
+
+    values = parse_overrides(args.set or [])
+    values.update({"users": args.user or [], "k": args.k})
+    if args.cold_start:
+        values["cold_start_items"] = args.cold_start
+    if args.data:
+        values["data_path"] = args.data
+    config = validated(RecommendConfig, values)
+    _prepare_environment()
+    from finetune_flows.flows.recommend import recommend
+
+    result = recommend(config)
+    frame = _read_lists(result.output_path)
+    for user, group in list(frame.groupby("user", sort=False))[:5]:
+        sys.stdout.write(f"user {user}:\n")
+        for row in group.itertuples():
+            sys.stdout.write(f"  {row.rank:>3}. {row.score:6.2f}  {row.text}\n")
+    sys.stdout.write(f"{result.rows} rows for {result.users} users from {result.model_uri} -> {result.output_path}\n")
+    return 0
+
+
+def _read_lists(path: str) -> Any:
+    """The lists `recommend` wrote (CSV or Parquet)."""
+    import pandas as pd
+
+    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, dtype={"user": str, "item": str})
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from finetune_flows.tasks.core.config import parse_overrides, validated
+    from finetune_flows.tasks.monitoring.scoring import MonitorConfig
+
+    config = validated(MonitorConfig, {"source": args.source, **parse_overrides(args.set or [])})
+    _prepare_environment()
+    from finetune_flows.flows.monitor import monitor
+
+    summary = monitor(config)
+    out = sys.stdout
+    out.write("\n=== finetune-flows: monitor run complete ===\n")
+    out.write(f"records          : {summary.records_read} read, {summary.bad_records} bad, ")
+    out.write(f"{summary.new_records} new, {summary.duplicates_skipped} already stored\n")
+    out.write(f"model version    : {config.model_name} v{summary.model_version} (@{config.alias})\n")
+    out.write(f"alerts           : {len(summary.alerts)}\n")
+    for alert in summary.alerts:
+        out.write(
+            f"  ALERT {alert.topic}: negative share {alert.share:.0%} in {alert.window_start:%Y-%m-%d %H:%M}"
+            f"-{alert.window_end:%H:%M} UTC ({alert.volume} texts; baseline {alert.baseline_mean:.0%})\n"
+        )
+    out.write(f"trend plot       : {summary.trend_png}\n")
+    if summary.bad_records:
+        out.write(f"error report     : {summary.error_report}\n")
+    return 0
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    _prepare_environment()
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `up` logs to its terminal
+    from finetune_flows.flows.cli.services import up
+    from finetune_flows.tasks.core.settings import get_settings
+
+    record, started = up(get_settings())
+    sys.stdout.write(f"{'started' if started else 'already up'} (state {record.state_dir})\n")
+    sys.stdout.write(f"Prefect UI : {record.prefect_url}\n")
+    sys.stdout.write(f"MLflow UI  : {record.mlflow_url}\n")
+    return 0
+
+
+def cmd_down(_: argparse.Namespace) -> int:
+    from finetune_flows.flows.cli.services import down
+    from finetune_flows.tasks.core.settings import get_settings
+
+    stopped = down(get_settings())
+    sys.stdout.write(f"stopped: {', '.join(f'{s.name} (pid {s.pid})' for s in stopped)}\n" if stopped else "not up\n")
+    return 0
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    from finetune_flows.flows.cli.services import read_record, status
+    from finetune_flows.tasks.core.settings import get_settings
+
+    found = status(get_settings())
+    if not found:
+        sys.stdout.write("not up\n")
+        return 3
+    for s in found:
+        health = "" if s.healthy is None else (" healthy" if s.healthy else " NOT healthy")
+        where = f" {s.service.url}" if s.service.url else ""
+        state = "running" if s.alive else "NOT running"
+        sys.stdout.write(f"{s.service.name:<16} pid {s.service.pid:<8} {state}{health}{where}  log {s.service.log}\n")
+    record = read_record(get_settings())
+    assert record is not None
+    ok = all(s.alive and s.healthy is not False for s in found)
+    sys.stdout.write(f"{'up' if ok else 'DEGRADED'}: Prefect UI {record.prefect_url}, MLflow UI {record.mlflow_url}\n")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-flows", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("plugins", help="list heads and scenarios").set_defaults(func=cmd_plugins)
+    run = commands.add_parser("run", help="fine-tune, evaluate, export and register a model")
+    run.add_argument("scenario", help="scenario name (see `finetune-flows plugins`)")
+    run.add_argument("--data", nargs="+", metavar="FILE", help="training file, optionally followed by an eval file")
+    run.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. training.epochs=2"
+    )
+    run.set_defaults(func=cmd_run)
+    watch = commands.add_parser("monitor", help="score new texts with the champion and alert on negative spikes")
+    watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")
+    watch.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. window_minutes=30")
+    watch.set_defaults(func=cmd_monitor)
+    rec = commands.add_parser("recommend", help="top-k items per user from the champion recommender")
+    rec.add_argument("--user", action="append", metavar="ID", help="a user id (repeat); default: every user")
+    rec.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    rec.add_argument("--data", metavar="FOLDER", help="interaction folder; default: the bundled MovieLens sample")
+    rec.add_argument("--cold-start", metavar="CSV", help="rank only these new items (columns item,text)")
+    rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. model_name=x")
+    rec.set_defaults(func=cmd_recommend)
+    services = "the Prefect server, MLflow server and one worker per work pool (127.0.0.1)"
+    commands.add_parser("up", help=f"start {services}; register the deployments").set_defaults(func=cmd_up)
+    commands.add_parser("down", help=f"stop {services} that `up` started").set_defaults(func=cmd_down)
+    commands.add_parser("status", help="what `up` started: pids, URLs, health").set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from finetune_flows.plugins import FinetuneFlowsError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic", "onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except FinetuneFlowsError as exc:
+        sys.stderr.write(f"finetune-flows: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""Local services for the deployments: a Prefect server, an MLflow tracking server, one worker per pool.
+
+``up`` starts them on 127.0.0.1, creates the work pools that ``deployments/prefect.yaml`` names,
+registers its deployments and records what it started in ``<state>/services/services.json``;
+``status`` reads that record and checks it; ``down`` stops exactly the recorded process groups.
+Each service's log is ``<state>/services/<name>.log``. Prefect's database, the MLflow store and its
+artifact folder are the state folder's own, so runs and models made by ``finetune-flows run``, by
+the workers, or by an earlier ``up`` are all found again. Process groups are read from /proc (Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from finetune_flows.plugins import FinetuneFlowsError
+from finetune_flows.tasks.core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (deployments/ is not packaged)
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+HOST = "127.0.0.1"
+
+
+class ServiceError(FinetuneFlowsError):
+    """A service did not start, did not become healthy, or its port is taken."""
+
+
+class Service(BaseModel):
+    """One process group that ``up`` started (the group id is the leader's pid)."""
+
+    name: str
+    pid: int
+    log: str
+    url: str | None = None
+    health_url: str | None = None
+
+
+class ServiceRecord(BaseModel):
+    """What ``up`` started, as written to ``<state>/services/services.json``."""
+
+    state_dir: str
+    started_at: str
+    prefect_url: str
+    mlflow_url: str
+    services: list[Service]
+
+
+class ServiceStatus(BaseModel):
+    """A recorded service as ``status`` finds it."""
+
+    service: Service
+    alive: bool
+    healthy: bool | None  # None: the service has no health endpoint (a worker)
+
+
+def record_path(settings: Settings) -> Path:
+    return settings.state / "services" / "services.json"
+
+
+def read_record(settings: Settings) -> ServiceRecord | None:
+    path = record_path(settings)
+    return ServiceRecord.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def work_pools(prefect_yaml: Path = PREFECT_YAML) -> list[str]:
+    """The work pools the deployments of ``prefect_yaml`` run on, in order of first use."""
+    spec = yaml.safe_load(prefect_yaml.read_text(encoding="utf-8")) or {}
+    names = [d["work_pool"]["name"] for d in spec.get("deployments") or [] if d.get("work_pool")]
+    return list(dict.fromkeys(names))
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of ``pid`` if it is our own child (it is when ``up`` ran in this process)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, as /proc lists them (Linux)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # the process ended while we looked
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()  # after "pid (command)"
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` runs and still leads its own process group (so it is the one ``up`` started)."""
+    _reap(pid)
+    return pid in group_members(pid)
+
+
+def is_healthy(url: str | None, timeout: float = 2.0) -> bool:
+    """GET ``url`` (without any proxy) answers 200."""
+    if url is None:
+        return False
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _check_port_free(port: int, setting: str) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            message = f"port {HOST}:{port} is in use ({exc.strerror}); stop what listens there or set {setting}"
+            raise ServiceError(message) from exc
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], folder: Path) -> int:
+    """Start ``argv`` in a new session (its own process group), output to ``<folder>/<name>.log``."""
+    log = folder / f"{name}.log"
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+    logger.info("started %s (pid %d), log %s", name, pid, log)
+    return pid
+
+
+def _wait_healthy(service: Service, deadline: float) -> None:
+    while not is_healthy(service.health_url):
+        if not is_alive(service.pid):
+            raise ServiceError(f"{service.name} exited before it became healthy; see its log {service.log}")
+        if time.monotonic() > deadline:
+            timeout = "FINETUNE_FLOWS_SERVICE_TIMEOUT"
+            raise ServiceError(
+                f"{service.name} did not answer {service.health_url} in time ({timeout}); see {service.log}"
+            )
+        time.sleep(0.5)
+
+
+def service_env(settings: Settings, prefect_url: str, mlflow_url: str) -> dict[str, str]:
+    """The environment of every service: this one, plus where the state, Prefect and MLflow are."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(settings.prefect_home),
+        PREFECT_API_URL=f"{prefect_url}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_CLI_PROMPT="false",
+        FINETUNE_FLOWS_STATE_DIR=str(settings.state),
+        FINETUNE_FLOWS_MLFLOW_TRACKING_URI=mlflow_url,
+        FINETUNE_FLOWS_MLFLOW_ARTIFACT_ROOT=settings.artifact_root,
+    )
+    env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,plugins,flows")
+    # MLflow's job runner (GenAI jobs, seven huey consumers) has nothing to do for us: keep 2 cores free.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
+def _ensure_pools(prefect_url: str, pools: list[str]) -> None:
+    """Create each work pool (type process, Prefect's default job template) unless it exists."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    with SyncPrefectClient(f"{prefect_url}/api") as client:
+        for pool in pools:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+                logger.info("created work pool %s (process)", pool)
+            except ObjectAlreadyExists:
+                logger.info("work pool %s exists", pool)
+
+
+def _wait_pools_ready(prefect_url: str, workers: dict[str, Service], deadline: float) -> None:
+    """Wait until every pool reports READY (its worker polls it)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import WorkPoolStatus
+
+    with SyncPrefectClient(f"{prefect_url}/api") as client:
+        for pool, worker in workers.items():
+            while client.read_work_pool(pool).status != WorkPoolStatus.READY:
+                if not is_alive(worker.pid):
+                    raise ServiceError(f"{worker.name} exited before pool {pool} was ready; see its log {worker.log}")
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"pool {pool} has no live worker in time; see the log {worker.log}")
+                time.sleep(0.5)
+
+
+def _deploy(env: dict[str, str], folder: Path, prefect_yaml: Path, timeout: float) -> None:
+    """``prefect deploy --all`` from the repository root (entrypoints and ``{{ $PWD }}`` are relative to it)."""
+    log = folder / "deploy.log"
+    argv = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_yaml)]
+    with log.open("ab") as out:
+        result = subprocess.run(
+            argv, cwd=ROOT, env={**env, "PWD": str(ROOT)}, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, timeout=timeout, check=False,
+        )  # fmt: skip
+    if result.returncode != 0:
+        raise ServiceError(f"prefect deploy failed (exit code {result.returncode}); see its log {log}")
+    logger.info("registered the deployments of %s", prefect_yaml)
+
+
+def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML) -> tuple[ServiceRecord, bool]:
+    """Start the services unless a healthy set is already recorded; returns (record, started)."""
+    record = read_record(settings)
+    if record is not None:
+        found = [check(s) for s in record.services]
+        if all(s.alive and s.healthy is not False for s in found):
+            logger.info("already up: %s", ", ".join(f"{s.service.name} (pid {s.service.pid})" for s in found))
+            return record, False
+        logger.warning("a recorded service is down; stopping the rest and starting afresh")
+        down(settings)
+    _check_port_free(settings.prefect_port, "FINETUNE_FLOWS_PREFECT_PORT")
+    _check_port_free(settings.mlflow_port, "FINETUNE_FLOWS_MLFLOW_PORT")
+    folder = record_path(settings).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    prefect_url, mlflow_url = f"http://{HOST}:{settings.prefect_port}", f"http://{HOST}:{settings.mlflow_port}"
+    env = service_env(settings, prefect_url, mlflow_url)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    record = ServiceRecord(state_dir=str(settings.state), started_at=started_at, prefect_url=prefect_url,
+                           mlflow_url=mlflow_url, services=[])  # fmt: skip
+    prefect, mlflow = [sys.executable, "-m", "prefect"], [sys.executable, "-m", "mlflow"]
+
+    def start(name: str, argv: list[str], url: str | None = None, health: str | None = None) -> Service:
+        pid = _spawn(name, argv, env, folder)
+        service = Service(name=name, pid=pid, log=str(folder / f"{name}.log"), url=url, health_url=health)
+        record.services.append(service)
+        record_path(settings).write_text(record.model_dump_json(indent=2), encoding="utf-8")
+        return service
+
+    try:
+        # Both servers start at once; the MLflow server reads and writes the flows' own store and artifact root.
+        prefect_argv = [*prefect, "server", "start", "--host", HOST, "--port", str(settings.prefect_port)]
+        mlflow_argv = [*mlflow, "server", "--host", HOST, "--port", str(settings.mlflow_port), "--workers", "1",
+                       "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.artifact_root,
+                       "--artifacts-destination", settings.artifact_root]  # fmt: skip
+        servers = [
+            start("prefect-server", prefect_argv, prefect_url, f"{prefect_url}/api/health"),
+            start("mlflow-server", mlflow_argv, mlflow_url, f"{mlflow_url}/health"),
+        ]
+        deadline = time.monotonic() + settings.service_timeout
+        for server in servers:
+            _wait_healthy(server, deadline)
+        pools = work_pools(prefect_yaml)
+        _ensure_pools(prefect_url, pools)
+        _deploy(env, folder, prefect_yaml, settings.service_timeout)
+        worker = [*prefect, "worker", "start", "--type", "process", "--pool"]
+        workers = {p: start(f"worker-{p}", [*worker, p, "--name", f"finetune-flows-{p}"]) for p in pools}
+        _wait_pools_ready(prefect_url, workers, time.monotonic() + settings.service_timeout)
+    except BaseException:
+        down(settings)
+        raise
+    return record, True
+
+
+def check(service: Service) -> ServiceStatus:
+    alive = is_alive(service.pid)
+    healthy = None if service.health_url is None else alive and is_healthy(service.health_url)
+    return ServiceStatus(service=service, alive=alive, healthy=healthy)
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    """Each recorded service: is its process alive, does its health endpoint answer."""
+    record = read_record(settings)
+    return [check(s) for s in record.services] if record else []
+
+
+def _stop_group(service: Service, grace: float) -> None:
+    """SIGTERM the service's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
+    _reap(service.pid)
+    if not group_members(service.pid):
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(service.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(service.pid)
+            if not group_members(service.pid):
+                logger.info("stopped %s (pid %d)", service.name, service.pid)
+                return
+            time.sleep(0.2)
+        logger.warning("%s (pid %d) still runs after %s", service.name, service.pid, sig.name)
+    raise ServiceError(f"could not stop {service.name} (process group {service.pid}); see its log {service.log}")
+
+
+def down(settings: Settings, grace: float = 20.0) -> list[Service]:
+    """Stop the recorded process groups (workers first, the servers last) and remove the record."""
+    record = read_record(settings)
+    if record is None:
+        return []
+    for service in reversed(record.services):
+        _stop_group(service, grace)
+    record_path(settings).unlink()
+    return record.services

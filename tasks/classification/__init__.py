@@ -1,0 +1,1 @@
+"""Classification-specific evaluation: metrics, calibration and plots."""

@@ -1,0 +1,1 @@
+"""Shared stages and models: settings, config, reading tables, ingest, tokenize, train, track."""

@@ -1,0 +1,305 @@
+"""Stage 3, fine-tune: HF Trainer with dynamic padding, length grouping and fused AdamW.
+
+The stage takes a ``TrainRequest`` (paths, URIs and small models only), so it can run in the
+pipeline's own process, as a flow on another work pool (``flows/train.py``), or across several
+processes with torchrun (``training.processes``; DDP, gloo on CPU). ``python -m tasks.training
+request.json`` is the entry point each torchrun process runs.
+
+Early stopping on the scenario's metric, checkpoints in the run folder (never overwritten),
+bf16 autocast only where the hardware runs it fast, metrics streamed to the active MLflow run
+by Trainer's own MLflow callback, and extra callbacks (the Prefect progress artifact) passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, ConfigDict
+
+from finetune_flows.plugins import HEADS, SCENARIOS
+from finetune_flows.tasks.classification.evaluation import classification_metrics
+from finetune_flows.tasks.core.config import ClassWeighting, FinetuneConfig, Precision, TrainingConfig
+from finetune_flows.tasks.core.ingestion import IngestResult
+from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
+from finetune_flows.tasks.core.tokenization import TokenizeResult
+from finetune_flows.tasks.core.tracking import RunInfo
+from finetune_flows.tasks.core.training_options import balanced_class_weights, choose_precision, layerwise_optimizer
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "train_result.json"
+
+
+class TrainResult(BaseModel):
+    """The trained checkpoint and what training measured."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: str
+    precision: str
+    steps: int
+    epochs: float
+    train_seconds: float
+    train_samples_per_second: float
+    best_metric: float | None
+    eval_metrics: dict[str, float]
+    """The last evaluation during training (empty when training ended before the first one)."""
+    world_size: int = 1
+    """Processes that trained together (DDP); 1 without torchrun."""
+    weights_checksum: float = 0.0
+    """Sum of all final weights (float64): equal across the ranks of one DDP run, and across runs that agree."""
+
+
+class TrainRequest(BaseModel):
+    """Everything the training stage needs, as paths, URIs and small models: a deployment can take it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tokenized_dir: str
+    model_dir: str
+    head: str
+    id2label: dict[int, str]
+    training: TrainingConfig
+    primary_metric: str
+    run: RunInfo
+    progress_key: str | None = None
+
+    @property
+    def result_path(self) -> Path:
+        """Where the stage leaves its ``TrainResult`` (next to the checkpoints, on shared storage)."""
+        return Path(self.run.run_dir) / RESULT_FILE
+
+
+def fine_tune_request(
+    tokens: TokenizeResult, data: IngestResult, model_dir: str, config: FinetuneConfig, run: RunInfo
+) -> TrainRequest:
+    """The training stage's input, built from what the earlier stages returned."""
+    return TrainRequest(
+        tokenized_dir=tokens.tokenized_dir,
+        model_dir=model_dir,
+        head=config.head_name,
+        id2label=data.id2label,
+        training=config.training,
+        primary_metric=SCENARIOS.get(config.scenario).primary_metric,
+        run=run,
+        progress_key=f"{config.scenario}-training-progress",
+    )
+
+
+def weights_checksum(model: Any) -> float:
+    """Sum of all parameters in float64: a cheap fingerprint to compare two trainings' weights."""
+    return float(sum(float(p.detach().double().sum()) for p in model.parameters()))
+
+
+def train_model(
+    tokenized_dir: Path,
+    model_dir: Path,
+    head_name: str,
+    id2label: dict[int, str],
+    config: TrainingConfig,
+    run_dir: Path,
+    primary_metric: str,
+    callbacks: list[Any] | None = None,
+    report_to_mlflow: bool = False,
+) -> TrainResult:
+    """Fine-tune the encoder at ``model_dir``; the best checkpoint lands in ``run_dir/model``."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    set_seed(config.seed)
+    head = HEADS.get(head_name)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    model = head.build_model(str(model_dir), id2label)
+    train_set = load_from_disk(str(tokenized_dir / "train"))
+    eval_set = load_from_disk(str(tokenized_dir / "eval"))
+    precision = choose_precision(config.precision)
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        predicted, probs = head.predict(prediction.predictions)
+        metrics = classification_metrics(prediction.label_ids, predicted, probs, list(id2label.values()))
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    weights = torch.tensor(balanced_class_weights(train_set["labels"], len(id2label)), dtype=torch.float32)
+
+    def weighted_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        logits = outputs["logits"]
+        return torch.nn.functional.cross_entropy(
+            logits.float(), labels, weight=weights.to(logits.device), label_smoothing=config.label_smoothing
+        )
+
+    balanced = config.class_weights is ClassWeighting.BALANCED
+    if balanced:
+        logger.info("class weights: %s", dict(zip(id2label.values(), weights.tolist(), strict=True)))
+
+    # A run folder is never reused; under torchrun every rank makes the folder (the launcher checked it was new).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=world_size > 1)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 64),
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        label_smoothing_factor=config.label_smoothing,
+        lr_scheduler_type="linear",
+        optim="adamw_torch_fused",
+        bf16=precision is Precision.BF16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length",
+        eval_strategy="steps",
+        eval_steps=config.eval_every_steps,
+        save_strategy="steps",
+        save_steps=config.eval_every_steps,
+        save_total_limit=2,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model=primary_metric,
+        greater_is_better=True,
+        logging_steps=max(1, min(50, config.eval_every_steps)),
+        report_to=["mlflow"] if report_to_mlflow else "none",
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,  # CPU DDP
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        compute_loss_func=weighted_loss if balanced else None,
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+            *(callbacks or []),
+        ],
+    )
+    if config.layer_lr_decay < 1.0:  # train() builds its own optimizer (fused AdamW) only when none is set
+        trainer.optimizer = layerwise_optimizer(trainer, config)
+    logger.info(
+        "training %s on %d examples (%s, batch %d, lr %g, layer decay %g, label smoothing %g)",
+        head_name, len(train_set), precision.value, config.batch_size, config.learning_rate,
+        config.layer_lr_decay, config.label_smoothing,
+    )  # fmt: skip
+    output = trainer.train()
+    # The evaluate stage scores the final model in full; here keep the last in-training evaluation.
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last_eval = evaluations[-1] if evaluations else {}
+
+    final_dir = run_dir / "model"
+    trainer.save_model(str(final_dir))  # the main process writes it
+    if trainer.is_world_process_zero():
+        for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, final_dir / name)
+    return TrainResult(
+        model_dir=str(final_dir),
+        precision=precision.value,
+        steps=output.global_step,
+        epochs=float(output.metrics.get("epoch", config.epochs)),
+        train_seconds=float(output.metrics["train_runtime"]),
+        train_samples_per_second=float(output.metrics["train_samples_per_second"]),
+        best_metric=trainer.state.best_metric,
+        eval_metrics={k: float(v) for k, v in last_eval.items() if isinstance(v, int | float)},
+        world_size=args.world_size,
+        weights_checksum=weights_checksum(model),
+    )
+
+
+def prefect_progress_callback(key: str) -> Any:
+    """A Trainer callback that keeps a Prefect progress artifact at the share of steps done."""
+    from transformers import TrainerCallback
+
+    class PrefectProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.artifact_id: Any = None
+            self.last = -1.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description="Fine-tuning progress")
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            done = round(100.0 * state.global_step / max(state.max_steps, 1), 1)
+            if self.artifact_id is not None and done - self.last >= 1.0:
+                update_progress_artifact(self.artifact_id, progress=done)
+                self.last = done
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.artifact_id is not None:
+                update_progress_artifact(self.artifact_id, progress=100.0)
+
+    return PrefectProgress()
+
+
+def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> TrainResult:
+    """``train_model`` for a request, streaming metrics to the run's MLflow run (from the main process only)."""
+    import mlflow
+    import torch
+
+    from finetune_flows.tasks.core.settings import get_settings
+
+    if get_settings().torch_threads:
+        torch.set_num_threads(get_settings().torch_threads)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+
+    def train() -> TrainResult:
+        return train_model(
+            Path(request.tokenized_dir),
+            Path(request.model_dir),
+            request.head,
+            request.id2label,
+            request.training,
+            Path(request.run.run_dir),
+            request.primary_metric,
+            callbacks=callbacks,
+            report_to_mlflow=main_process,
+        )
+
+    if not main_process:
+        return train()
+    mlflow.set_tracking_uri(request.run.tracking_uri)
+    with mlflow.start_run(run_id=request.run.run_id):
+        result = train()
+        mlflow.log_metrics(
+            {"train_samples_per_second": result.train_samples_per_second, "train_seconds": result.train_seconds}
+        )
+        mlflow.set_tags({"precision": result.precision, "world_size": str(result.world_size)})
+    request.result_path.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each torchrun process: train the request in the JSON file ``argv[0]``."""
+    # force: importing Prefect configured the root logger already; here the launcher reads stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    request = TrainRequest.model_validate_json(Path((argv or sys.argv[1:])[0]).read_text(encoding="utf-8"))
+    result = train_tracked(request)
+    logger.info(
+        "rank %s of %d: %d steps, weights checksum %.6f",
+        os.environ.get("RANK", "0"), result.world_size, result.steps, result.weights_checksum,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

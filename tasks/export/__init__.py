@@ -1,0 +1,1 @@
+"""ONNX export: tracing, metadata and the parity gate."""

@@ -1,0 +1,1 @@
+"""The monitoring workload: batches, the record store, scoring, trends, topics."""

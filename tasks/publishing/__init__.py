@@ -1,0 +1,1 @@
+"""Registering versions in MLflow and the promotion gate."""

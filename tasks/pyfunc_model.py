@@ -1,7 +1,0 @@
-"""MLflow models-from-code entry: the file MLflow runs to build the pyfunc of a registered version."""
-
-from mlflow.models import set_model
-
-from tasks.serving import TextClassifierPyfunc
-
-set_model(TextClassifierPyfunc())

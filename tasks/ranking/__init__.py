@@ -1,0 +1,1 @@
+"""The recommendation workload: interactions, split, baselines, ranking evaluation, recommend."""
