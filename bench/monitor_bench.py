@@ -16,7 +16,7 @@ tasks.evaluation.classification_metrics).
     .venv/bin/python bench/monitor_bench.py --model-dir CHECKPOINT [--onnx CHECKPOINT.onnx]
     .venv/bin/python bench/monitor_bench.py --model-uri models:/finance-monitoring@champion
 
-Without --onnx the checkpoint is exported with tasks.export.export_onnx into a temporary folder.
+Without --onnx the checkpoint is exported with tasks.export.model_export.export_head into a temporary folder.
 """
 
 from __future__ import annotations
@@ -91,9 +91,11 @@ def from_registry(uri: str, tracking_uri: str | None, work: Path) -> tuple[Path,
 def export(model_dir: Path, work: Path, max_length: int) -> Path:
     """Export the checkpoint with the flow's own exporter (labels and max length in the metadata)."""
     from finetune_flows.tasks.core.model_source import tokenizer_hash
-    from finetune_flows.tasks.export.model_export import export_onnx
+    from finetune_flows.tasks.export.model_export import export_head
 
-    return export_onnx(model_dir, work / "fp32" / "model.onnx", max_length, tokenizer_hash(model_dir))
+    return export_head(
+        model_dir, "sequence-classification", work / "fp32" / "model.onnx", max_length, tokenizer_hash(model_dir)
+    )
 
 
 def quantize(onnx_path: Path, work: Path) -> Path:

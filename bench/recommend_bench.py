@@ -45,7 +45,7 @@ def model_folder(model_uri: str | None, work: Path) -> tuple[Path, Path, Path]:
 
     from finetune_flows.tasks.core.model_source import minilm_path, resolve_model_source
     from finetune_flows.tasks.core.settings import get_settings
-    from finetune_flows.tasks.export.encoder_export import export_sentence_encoder
+    from finetune_flows.tasks.export.model_export import export_sentence_encoder
 
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     checkpoint = resolve_model_source(model_uri, work) if model_uri else minilm_path()
@@ -57,7 +57,7 @@ def torch_scorers(checkpoint: Path, max_length: int) -> dict[str, Callable[[list
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune_flows.tasks.export.encoder_export import mean_pool_normalise
+    from finetune_flows.plugins.heads.bi_encoder import embed as head_embed
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     encoder = AutoModel.from_pretrained(str(checkpoint), use_safetensors=True).eval()
@@ -65,7 +65,7 @@ def torch_scorers(checkpoint: Path, max_length: int) -> dict[str, Callable[[list
 
     def embed(texts: list[str]) -> Any:
         batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return mean_pool_normalise(encoder(**batch).last_hidden_state, batch["attention_mask"])
+        return head_embed(encoder, batch["input_ids"], batch["attention_mask"])
 
     @torch.inference_mode()
     def bi(queries: list[str], items: list[str]) -> Any:

@@ -31,13 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from finetune_flows.tasks.monitoring.taxonomy import DEFAULT_TAXONOMY, load_taxonomy  # noqa: E402
 from finetune_flows.tasks.serving.topics import (  # noqa: E402  (after the sys.path line: runs as a script from anywhere)
-    DEFAULT_TAXONOMY,
     DEFAULT_TOP_K,
     SentenceEncoder,
     Taxonomy,
     TopicAssigner,
-    load_taxonomy,
     pick_topics,
 )
 
@@ -168,10 +167,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, parity = args.encoder, None
         if onnx_path is None:
-            from finetune_flows.tasks.export.encoder_export import check_encoder_parity, export_sentence_encoder
+            from finetune_flows.tasks.export.model_export import check_head_parity, export_sentence_encoder
 
             onnx_path = export_sentence_encoder(model_dir, Path(tmp) / "minilm.onnx")
-            parity = check_encoder_parity(onnx_path, model_dir, texts)
+            parity = check_head_parity(onnx_path, model_dir, "bi-encoder", texts, min_texts=1).max_abs_diff
         encoder = SentenceEncoder(onnx_path, model_dir / "tokenizer.json", threads=args.threads)
 
         # 4. Similarity matrices per scoring rule (the references are embedded once per assigner).

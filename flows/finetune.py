@@ -1,7 +1,10 @@
-"""Flow ``finetune``: labelled text -> fine-tuned, evaluated, ONNX-exported, registered model.
+"""Flow ``finetune``: data -> fine-tuned, exported, evaluated, registered model, for every head and scenario.
 
-Deployments reach it by entrypoint ``flows/finetune.py:finetune``. The training stage is flow
-``train`` (flows/train.py): a subflow here, or a run of deployment ``training.train_on`` on
+Deployments reach it by entrypoint ``flows/finetune.py:finetune``. The head plugin decides how
+batches are built, what is trained, exported, served and how it is evaluated; the scenario how
+its data reads and which extra stages it adds (its ``PREPARE`` stage replaces the generic ingest;
+its ``BEFORE_REGISTER`` stages add metrics, tags and served files). The training stage is flow
+``train`` (flows/train.py): a subflow here, or a run of deployment ``infrastructure.train_on`` on
 another work pool. A failed run's state message names the stage: "stage evaluate failed: ...".
 """
 
@@ -10,21 +13,23 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
-from finetune_flows.flows.train import fine_tune, hand_off_training, run_training, stage_failed, train_stage
-from finetune_flows.tasks.classification.evaluation import evaluate_model
+from finetune_flows.flows.train import run_training, train_stage
 from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.ingestion import ingest_data
+from finetune_flows.tasks.core.evaluating import eval_request, evaluate_model
+from finetune_flows.tasks.core.failures import stage_failed
+from finetune_flows.tasks.core.ingestion import ingest_data, prepare_data
+from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
 from finetune_flows.tasks.core.model_source import fetch_model
+from finetune_flows.tasks.core.stages import StageContext, run_before_register
 from finetune_flows.tasks.core.tokenization import tokenize_data
 from finetune_flows.tasks.core.tracking import start_run
 from finetune_flows.tasks.core.training import fine_tune_request
-from finetune_flows.tasks.export.model_export import export_model, export_topic_encoder
-from finetune_flows.tasks.publishing.registration import register_version
+from finetune_flows.tasks.export.model_export import export_model
+from finetune_flows.tasks.publishing.stage import register_version
 
-HEADLINE = ("accuracy", "macro_f1", "ece")
 STAGES = (
     start_run, ingest_data, fetch_model, tokenize_data, train_stage, fine_tune, hand_off_training,
-    evaluate_model, export_model, export_topic_encoder, register_version,
+    export_model, evaluate_model, register_version,
 )  # fmt: skip
 
 
@@ -38,18 +43,22 @@ class FinetuneSummary(BaseModel):
     aliases: list[str]
     decision: str
     metrics: dict[str, float]
+    """Headline metrics on eval, and on test (``test_`` prefix) where there is a test split."""
     onnx_path: str
     run_id: str
+    data_summary: str
     reused_ingest: bool
     reused_tokens: bool
     train_seconds: float
+    reports: list[str] = []
+    """Markdown reports of the scenario's extra stages (e.g. the ranking table against baselines)."""
     reused_version: bool = False
     """True when the version was registered by an earlier run with the same idempotency key."""
 
 
 @flow(name="finetune", log_prints=False)
 def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # noqa: B008
-    """Fine-tune a text model for a scenario, evaluate it, export it to ONNX and register it."""
+    """Fine-tune a text model for a scenario, export it to ONNX, evaluate it and register it."""
     try:
         return run_pipeline(config)
     except Exception as exc:
@@ -59,27 +68,37 @@ def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # n
 def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
     """The stages in order; each passes paths and small models to the next."""
     run = start_run(config)
-    data = ingest_data(config)
-    base_model = fetch_model(config, run)
-    tokens = tokenize_data(data, base_model, config)
-    trained = run_training(fine_tune_request(tokens, data, base_model, config, run), config.training.train_on)
-    evaluation = evaluate_model(trained.model_dir, data, config, run)
-    exported = export_model(trained.model_dir, data, tokens, config, run)
-    topics = export_topic_encoder(data, config, run)
-    registered = register_version(trained.model_dir, data, tokens, evaluation, exported, config, run, topics)
+    data = prepare_data(config, run)
+    base_model = fetch_model(config.model, run)
+    tokens = tokenize_data(data, base_model, config.head_name, config.model.max_length)
+    request = fine_tune_request(tokens, data, base_model, config, run)
+    trained = run_training(request, config.infrastructure.train_on)
+    exported = export_model(
+        trained.model_dir, config.head_name, data.dataset_dir, config.export, config.model.max_length,
+        tokens.tokenizer_hash, run,
+    )  # fmt: skip
+    evaluation = evaluate_model(eval_request(config, data, trained.model_dir, exported.onnx_path, run), run)
+    context = StageContext(
+        config=config, run=run, data=data, model_dir=trained.model_dir, onnx_path=exported.onnx_path,
+        evaluation=evaluation,
+    )  # fmt: skip
+    extras = run_before_register(context)
+    registered = register_version(config, data, tokens, evaluation, exported, extras, trained.model_dir, run)
     return FinetuneSummary(
         model_name=registered.model_name,
         version=registered.version,
         aliases=registered.aliases,
         decision=registered.decision,
         metrics={
-            **{k: v for k, v in evaluation.metrics.items() if k in HEADLINE},
-            **{f"test_{k}": v for k, v in (evaluation.test_metrics or {}).items() if k in HEADLINE},
+            **{k: v for k, v in evaluation.metrics.items() if k in evaluation.headline},
+            **{f"test_{k}": v for k, v in (evaluation.test_metrics or {}).items() if k in evaluation.headline},
         },
         onnx_path=exported.onnx_path,
         run_id=registered.run_id,
+        data_summary=data.summary,
         reused_ingest=data.cached,
         reused_tokens=tokens.cached,
         train_seconds=trained.train_seconds,
+        reports=[extra.report for extra in extras if extra.report],
         reused_version=registered.reused,
     )

@@ -1,106 +1,24 @@
 """Flow ``train``: the training stage as its own flow, so it can run on another work pool (a GPU one).
 
-``finetune`` calls it in its own process (a subflow) by default. With ``training.train_on`` set
+``finetune`` calls it in its own process (a subflow) by default. With ``infrastructure.train_on`` set
 to a deployment ``<flow>/<deployment>`` (``train/sentiment-train`` on pool ``gpu``, see
 deployments/prefect.yaml), ``hand_off_training`` starts that deployment with
 ``run_deployment``, passing only a ``TrainRequest`` (paths, URIs, small models), waits for it, and
 reads the ``TrainResult`` the stage left next to its checkpoints: so the data, the run folder
 and the MLflow store must be reachable from both workers (one machine, or shared storage). A
-handed-off run that no worker picks up within ``training.start_timeout_s`` is cancelled, and the
+handed-off run that no worker picks up within ``infrastructure.start_timeout_s`` is cancelled, and the
 stage fails naming the pool.
 
-Inside the stage, ``training.processes > 1`` trains with torchrun, one process per device (DDP).
-
-Also here: ``stage_failed``, which both pipeline flows use so that a failed run's state message
-names the stage and the cause ("stage fine-tune failed: ...").
+Inside the stage, ``infrastructure.processes > 1`` trains with torchrun, one process per device (DDP).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, cast
+from prefect import flow
 
-from prefect import Flow, Task, flow, task
-from prefect.client.schemas.objects import FlowRun
-from prefect.states import Failed
-
-from finetune_flows.tasks.core.training import TrainRequest, TrainResult, prefect_progress_callback, train_tracked
-
-logger = logging.getLogger(__name__)
-
-STAGE_ATTRIBUTE = "finetune_flows_stage"
-
-
-def failing_stage(exc: BaseException, stages: Iterable[Task[..., Any] | Flow[..., Any]]) -> str | None:
-    """The innermost of ``stages`` (tasks or flows) whose code is on ``exc``'s traceback."""
-    named = getattr(exc, STAGE_ATTRIBUTE, None)
-    if named:
-        return str(named)
-    codes = {stage.fn.__code__: stage.name for stage in stages}
-    found, tb = None, exc.__traceback__
-    while tb is not None:
-        found = codes.get(tb.tb_frame.f_code, found)
-        tb = tb.tb_next
-    return found
-
-
-def stage_failed(exc: Exception, stages: Iterable[Task[..., Any] | Flow[..., Any]]) -> Any:
-    """A Failed state whose message names the stage and the cause, carrying ``exc`` itself.
-
-    A flow that returns it ends in that state (the message shows in the UI), and a caller of the
-    flow function gets ``exc`` raised, type and message unchanged.
-    """
-    stage = failing_stage(exc, stages)
-    if stage:
-        setattr(exc, STAGE_ATTRIBUTE, stage)  # an enclosing flow reports the same stage
-    where = f"stage {stage} failed" if stage else "failed"
-    return Failed(message=f"{where}: {type(exc).__name__}: {exc}", data=exc)
-
-
-def launch_distributed(request: TrainRequest) -> TrainResult:
-    """Train with ``torchrun --nproc_per_node N -m finetune_flows.tasks.core.training``: one process per device, DDP.
-
-    On CPU the processes talk gloo; with GPUs each gets its own process and NCCL. Their output
-    goes to this stage's log; the main process writes the result file read here.
-    """
-    run_dir = Path(request.run.run_dir)
-    if (run_dir / "checkpoints").exists():
-        raise RuntimeError(f"{run_dir / 'checkpoints'} exists already: a run folder is never reused")
-    request_path = run_dir / "train_request.json"
-    request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={request.training.processes}", "-m", "finetune_flows.tasks.core.training", str(request_path),
-    ]  # fmt: skip
-    logger.info("launching %s", " ".join(command))
-    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would flood the log
-    tail: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logger.info("torchrun: %s", line.rstrip())
-            tail = [*tail[-19:], line.rstrip()]
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"torchrun with {request.training.processes} processes exited with {proc.returncode}; last output:\n"
-            + "\n".join(tail)
-        )
-    return TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
-
-
-@task(name="fine-tune")
-def fine_tune(request: TrainRequest) -> TrainResult:
-    """Train on the tokenized data, in this process or across ``training.processes`` with torchrun."""
-    if request.training.processes > 1:
-        return launch_distributed(request)
-    callbacks = [prefect_progress_callback(request.progress_key)] if request.progress_key else []
-    return train_tracked(request, callbacks)
+from finetune_flows.tasks.core.failures import stage_failed
+from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
+from finetune_flows.tasks.core.training import TrainRequest, TrainResult
 
 
 @flow(name="train", log_prints=False)
@@ -110,60 +28,6 @@ def train_stage(request: TrainRequest) -> TrainResult:
         return fine_tune(request)
     except Exception as exc:
         return stage_failed(exc, [fine_tune])
-
-
-def wait_for_flow_run(flow_run: FlowRun, start_timeout_s: float, poll_s: float = 2.0) -> FlowRun:
-    """Wait until ``flow_run`` is final; cancel it and raise when no worker has picked it up in ``start_timeout_s``."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Cancelled
-
-    deadline = time.monotonic() + start_timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            flow_run = client.read_flow_run(flow_run.id)
-            state = flow_run.state
-            if state is not None and state.is_final():
-                return flow_run
-            if (state is None or state.type is StateType.SCHEDULED) and time.monotonic() > deadline:
-                pool = flow_run.work_pool_name or "its work pool"
-                message = f"no worker picked it up within {start_timeout_s:g} s"
-                client.set_flow_run_state(flow_run.id, Cancelled(message=message), force=True)
-                raise RuntimeError(
-                    f"training flow run {flow_run.name!r} ({flow_run.id}) was cancelled: {message}; start a worker "
-                    f"with `prefect worker start --pool {pool}` (or `finetune-flows up`), or raise "
-                    "training.start_timeout_s"
-                )
-            time.sleep(poll_s)
-
-
-@task(name="hand-off-training")
-def hand_off_training(request: TrainRequest, deployment: str) -> TrainResult:
-    """Run the training stage as ``deployment`` (another work pool), wait for it, and read its result."""
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    logger.info("handing training to deployment %s; waiting for its flow run", deployment)
-    try:
-        flow_run = cast(
-            FlowRun,
-            run_deployment(name=deployment, parameters={"request": request.model_dump(mode="json")}, timeout=0),
-        )
-    except ObjectNotFound as exc:
-        raise RuntimeError(
-            f"training.train_on={deployment!r}: no such deployment; deploy it with "
-            "`prefect deploy --all --prefect-file deployments/prefect.yaml` (e.g. train/sentiment-train)"
-        ) from exc
-    flow_run = wait_for_flow_run(flow_run, request.training.start_timeout_s)
-    state = flow_run.state
-    if state is None or not state.is_completed():
-        raise RuntimeError(
-            f"training flow run {flow_run.name!r} ({flow_run.id}) of deployment {deployment!r} ended "
-            f"{state.name if state else 'without a state'}: {state.message if state else ''}"
-        )
-    result = TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
-    logger.info("training flow run %s finished: %d steps, model %s", flow_run.name, result.steps, result.model_dir)
-    return result
 
 
 def run_training(request: TrainRequest, deployment: str | None) -> TrainResult:

@@ -15,11 +15,11 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar, cast
 
 from finetune_flows.plugins.errors import PluginError
-from finetune_flows.plugins.specs import Scenario, TaskHead
+from finetune_flows.plugins.specs import ExtraStage, Scenario, StageHook, TaskHead
 
 logger = logging.getLogger(__name__)
 
-API_VERSION = 1
+API_VERSION = 2
 """The plugin API version this core speaks; a plugin declaring another one is refused."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
@@ -130,6 +130,13 @@ class Registry(Generic[T]):
         version = getattr(plugin, "api_version", None)
         if version != API_VERSION:
             problems.append(f"api_version {version!r} is not the supported {API_VERSION}")
+        problems += [
+            f"extra stage {stage!r} needs a 'module:function' target and a StageHook"
+            for stage in getattr(plugin, "extra_stages", ())
+            if not (
+                isinstance(stage, ExtraStage) and stage.target.count(":") == 1 and isinstance(stage.hook, StageHook)
+            )
+        ]
         if not problems and not isinstance(plugin, self._protocol):
             problems.append(f"does not satisfy the {self._protocol.__name__} protocol")
         if problems:
@@ -141,7 +148,24 @@ HEADS: Registry[TaskHead] = Registry(
     "finetune_flows.heads",
     "head",
     TaskHead,
-    ("api_version", "name", "description", "label_kind", "build_model", "predict"),
+    (
+        "api_version",
+        "name",
+        "description",
+        "label_kind",
+        "text_columns",
+        "evaluator",
+        "serving_entry",
+        "build_model",
+        "predict",
+        "tokenize",
+        "collator",
+        "trainer_options",
+        "save_trained",
+        "export_output",
+        "export_module",
+        "export_metadata",
+    ),
 )
 SCENARIOS: Registry[Scenario] = Registry(
     "finetune_flows.scenarios",
@@ -159,5 +183,6 @@ SCENARIOS: Registry[Scenario] = Registry(
         "sample",
         "read_file",
         "taxonomy",
+        "extra_stages",
     ),
 )

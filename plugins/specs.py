@@ -56,6 +56,31 @@ class ScenarioDefaults:
     test_fraction: float = 0.0
 
 
+class StageHook(StrEnum):
+    """Where in the one pipeline a scenario's extra stage runs."""
+
+    PREPARE = "prepare"
+    """Instead of the generic labelled-text ingest: reads the scenario's data into the prepared dataset
+    (``finetune_flows.tasks.core.stages.PreparedData``) that tokenization, training and evaluation read."""
+    BEFORE_REGISTER = "before-register"
+    """After export and evaluation: adds metrics, version tags and files shipped with the served model
+    (``finetune_flows.tasks.core.stages.StageOutput``)."""
+
+
+@dataclass(frozen=True)
+class ExtraStage:
+    """A stage a scenario adds to the pipeline: a function ``target`` ("module:function"), imported when it runs.
+
+    The function takes a ``finetune_flows.tasks.core.stages.StageContext`` and returns what its hook
+    expects; it runs as a Prefect task called ``name``.
+    """
+
+    name: str
+    hook: StageHook
+    target: str
+    description: str = ""
+
+
 @dataclass(frozen=True)
 class SampleData:
     """Files bundled with a scenario so that its demo runs on a fresh clone."""
@@ -73,13 +98,50 @@ class TaskHead(Protocol):
     name: ClassVar[str]
     description: ClassVar[str]
     label_kind: ClassVar[LabelKind]
+    text_columns: ClassVar[tuple[str, ...]]
+    """Text columns of the prepared dataset the head reads: ("text",) for a classifier, ("query", "item") for pairs."""
+    evaluator: ClassVar[str]
+    """"module:Class" of its evaluation (``finetune_flows.tasks.core.evaluating.Evaluator``), imported when used."""
+    serving_entry: ClassVar[str]
+    """Module of the MLflow models-from-code file a registered version of this head runs."""
+    export_output: ClassVar[str]
+    """Name of the exported graph's one output: "logits" (classifier) or "embedding" (bi-encoder)."""
 
     def build_model(self, source: str, id2label: dict[int, str]) -> Any:
         """Load the pretrained encoder at ``source`` (a local folder) with this head on top."""
         ...
 
+    def tokenize(self, tokenizer: Any, batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
+        """Features of a batch of prepared rows, for ``datasets.map(batched=True)``: token ids (unpadded), labels."""
+        ...
+
+    def collator(self, tokenizer: Any) -> Any:
+        """Builds a training batch from a list of features, padding each to the longest in the batch."""
+        ...
+
+    def trainer_options(self) -> dict[str, Any]:
+        """``TrainingArguments`` this head sets differently from the pipeline's (e.g. no eval, drop_last)."""
+        ...
+
+    def save_trained(self, model: Any, source_dir: Path, out_dir: Path) -> None:
+        """Write the trained model to ``out_dir`` as a folder that ``build_model`` and ``export_module`` load."""
+        ...
+
     def predict(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Turn raw outputs of shape (batch, n_outputs) into (predicted ids, probabilities)."""
+        ...
+
+    def export_module(self, model_dir: Path) -> Any:
+        """The trained model at ``model_dir`` as an eval-mode ``torch.nn.Module`` with
+        ``forward(input_ids, attention_mask, token_type_ids=None) -> Tensor`` (the ``export_output``).
+
+        It is what is traced to ONNX and what the parity gate compares the graph with, so it must
+        compute its output with the head's own code (for the bi-encoder: its own pooling).
+        """
+        ...
+
+    def export_metadata(self, model_dir: Path) -> dict[str, str]:
+        """ONNX metadata the served model reads (classifier: ``id2label``; bi-encoder: ``score_scale``...)."""
         ...
 
 
@@ -95,6 +157,8 @@ class Scenario(Protocol):
     label_names: ClassVar[dict[str, str]]
     primary_metric: ClassVar[str]
     defaults: ClassVar[ScenarioDefaults]
+    extra_stages: ClassVar[tuple[ExtraStage, ...]]
+    """Stages this scenario adds to the one pipeline (see ``StageHook``); empty for most."""
 
     def sample(self) -> SampleData | None:
         """The bundled demo data, or None when the scenario ships none."""
@@ -115,6 +179,7 @@ class ScenarioBase:
     layouts: ClassVar[tuple[DataLayout, ...]] = (DataLayout("generic", "text", "label"),)
     label_names: ClassVar[dict[str, str]] = {}
     defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults()
+    extra_stages: ClassVar[tuple[ExtraStage, ...]] = ()
 
     def sample(self) -> SampleData | None:
         return None

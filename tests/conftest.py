@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -185,3 +186,27 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         yield env
     finally:
         run_cli(env, "down")
+
+
+SPACE = [f"Rocket mission {i}. Space, Science Fiction. Tags: astronauts, orbit" for i in range(40)]
+COOKING = [f"Pasta kitchen {i}. Cooking, Food. Tags: recipes, chef" for i in range(40)]
+
+
+@pytest.fixture
+def log_folder(tmp_path: Path) -> Path:
+    """40 users, half of whom like space films and half cooking shows; plus three bad inputs."""
+    folder = tmp_path / "log"
+    folder.mkdir()
+    items = [(f"s{i}", t) for i, t in enumerate(SPACE)] + [(f"c{i}", t) for i, t in enumerate(COOKING)]
+    pd.DataFrame(items, columns=["item", "text"]).to_csv(folder / "items.csv", index=False)
+    rows = []
+    for user in range(40):
+        liked, other = ("s", "c") if user % 2 == 0 else ("c", "s")
+        for step in range(12):
+            item = (user * 3 + step * 7) % 40
+            rows.append((f"u{user}", f"{liked}{item}", 5, 1000 + 10 * step))
+            if step % 4 == 0:
+                rows.append((f"u{user}", f"{other}{item}", 1, 1005 + 10 * step))
+    rows += [("u0", "x999", 5, 5000), ("u1", "s1", "great", 5000), ("lonely", "s2", 5, 10)]
+    pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"]).to_csv(folder / "interactions.csv", index=False)
+    return folder

@@ -266,6 +266,14 @@ def test_a_partial_config_takes_the_scenarios_defaults() -> None:
     assert partial == FinetuneConfig.for_scenario("finance-monitoring", {"training.epochs": "2"})
 
 
-def test_the_finetune_config_refuses_a_ranking_scenario() -> None:
-    with pytest.raises(ConfigError, match=r"scenario 'recommendation' ranks .*finetune-recommender"):
-        FinetuneConfig.for_scenario("recommendation")
+def test_one_config_serves_a_ranking_scenario_with_its_own_defaults() -> None:
+    config = FinetuneConfig.for_scenario("recommendation", {"ranking.negatives": "49"})
+    assert config.head_name == "bi-encoder" and config.primary_metric == "ndcg_at_10"
+    assert (config.model.max_length, config.training.warmup_ratio, config.ranking.negatives) == (64, 0.1, 49)
+
+
+def test_infrastructure_settings_have_their_own_section() -> None:
+    config = FinetuneConfig.for_scenario("sentiment", {"infrastructure.train_on": "train/sentiment-train"})
+    assert config.infrastructure.train_on == "train/sentiment-train" and config.infrastructure.processes == 1
+    with pytest.raises(ConfigError, match=r"training\.train_on: Extra inputs are not permitted"):
+        FinetuneConfig.for_scenario("sentiment", {"training.train_on": "train/sentiment-train"})

@@ -16,9 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
 DEPLOYMENTS: dict[str, dict[str, Any]] = {d["name"]: d for d in SPEC["deployments"]}
-FINETUNE_SCENARIOS = {"sentiment-finetune": "sentiment", "finance-finetune": "finance-monitoring"}
+FINETUNE_SCENARIOS = {
+    "sentiment-finetune": "sentiment",
+    "finance-finetune": "finance-monitoring",
+    "recommendation-finetune": "recommendation",
+}
 RETRAIN_SCENARIOS = {"sentiment-retrain": "sentiment", "finance-retrain": "finance-monitoring"}
-TRAIN_DEPLOYMENTS = {"sentiment-train", "finance-train"}
+TRAIN_DEPLOYMENTS = {"sentiment-train", "finance-train", "recommendation-train"}
 
 
 def load_flow(deployment: dict[str, Any]) -> Any:
@@ -114,13 +118,13 @@ def test_train_deployments_run_the_training_stage_on_the_gpu_pool(name: str) -> 
 def test_retrain_deployments_are_scheduled_and_hand_training_to_the_gpu_pool(name: str, scenario: str) -> None:
     from zoneinfo import ZoneInfo
 
-    from finetune_flows.flows.retrain import RetrainConfig
+    from finetune_flows.tasks.core.config import RetrainConfig
 
     deployment = DEPLOYMENTS[name]
     assert deployment["entrypoint"] == "flows/retrain.py:retrain"
     config = RetrainConfig.model_validate(deployment["parameters"]["config"])
     assert config.scenario == scenario
-    flow_name, _, train_name = (config.train_on or "").partition("/")
+    flow_name, _, train_name = (config.infrastructure.train_on or "").partition("/")
     assert flow_name == "train" and DEPLOYMENTS[train_name]["work_pool"]["name"] == "gpu"
     assert DEPLOYMENTS[train_name]["tags"][1] == deployment["tags"][1]  # same scenario tag
     (schedule,) = deployment["schedules"]

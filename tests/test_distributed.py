@@ -1,5 +1,5 @@
 """The multi-process training path: torchrun with 2 CPU processes (DDP over gloo) trains the tiny
-model through ``python -m tasks.training``, both ranks take part and end with the same weights,
+model through ``python -m finetune_flows.tasks.core.training``, both ranks take part and end with the same weights,
 and the main process leaves checkpoints, the final model and the result file."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from finetune_flows.flows.train import launch_distributed
 from finetune_flows.plugins import SCENARIOS
-from finetune_flows.tasks.core.config import TrainingConfig
+from finetune_flows.tasks.core.config import InfrastructureConfig, TrainingConfig
 from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.launching import launch_distributed
 from finetune_flows.tasks.core.tokenization import tokenize_dataset
 from finetune_flows.tasks.core.tracking import RunInfo
 from finetune_flows.tasks.core.training import TrainRequest
@@ -37,9 +37,8 @@ def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_
         model_dir=str(tiny_model_dir),
         head="sequence-classification",
         id2label=data.id2label,
-        training=TrainingConfig(
-            max_steps=4, batch_size=8, eval_every_steps=2, learning_rate=5e-3, precision="fp32", processes=2
-        ),
+        training=TrainingConfig(max_steps=4, batch_size=8, eval_every_steps=2, learning_rate=5e-3, precision="fp32"),
+        infrastructure=InfrastructureConfig(processes=2),
         primary_metric="accuracy",
         run=RunInfo(
             run_dir=str(run_dir),
@@ -49,7 +48,7 @@ def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_
         ),
     )
 
-    with caplog.at_level(logging.INFO, logger="finetune_flows.flows.train"):
+    with caplog.at_level(logging.INFO, logger="finetune_flows.tasks.core.launching"):
         result = launch_distributed(request)
 
     assert result.world_size == 2 and result.steps == 4

@@ -162,7 +162,8 @@ def test_evaluate_checkpoint_writes_report(
     assert predictions["predicted"].nunique() == 2  # premise of the next check: both labels occur
     assert predictions["predicted"].tolist() == _one_by_one(tiny_classifier_dir, predictions["text"].tolist())
 
-    for png in (result.confusion_png, result.reliability_png):
+    assert len(result.plots) == 2
+    for png in map(Path, result.plots):
         path = Path(png)
         assert path.parent == report
         assert path.stat().st_size > 1000

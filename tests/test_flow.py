@@ -76,7 +76,7 @@ def test_flow_registers_exports_and_gates_promotion(state_dir, tiny_model_dir, f
     client = mlflow.MlflowClient()
     v1 = client.get_model_version("sentiment", "1")
     assert v1.tags["promotion.decision"] == "promoted: no champion yet"
-    assert len(v1.tags["data_hash"]) == 64 and v1.tags["onnx_max_abs_logit_diff"]
+    assert len(v1.tags["data_hash"]) == 64 and v1.tags["onnx_max_abs_diff"]
     run = client.get_run(first.run_id)
     assert run.data.metrics["final_accuracy"] == pytest.approx(first.metrics["accuracy"])
     logged = {a.path for a in client.list_artifacts(first.run_id, "evaluation")}

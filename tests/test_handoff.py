@@ -19,6 +19,7 @@ from finetune_flows.flows.finetune import finetune
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.training import RESULT_FILE, TrainResult
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
+from tests.test_recommender_flow import config_for as recommender_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -43,7 +44,7 @@ def config_for(model_dir: Path, files: tuple[Path, Path], train_on: str | None =
             "model.source": str(model_dir), "model.max_length": 32, "data.train_path": str(files[0]),
             "data.eval_path": str(files[1]), "training.max_steps": 6, "training.eval_every_steps": 3,
             "training.batch_size": 16, "training.learning_rate": 5e-3, "training.precision": "fp32",
-            "training.train_on": train_on,
+            "infrastructure.train_on": train_on,
         },
     )  # fmt: skip
 
@@ -67,7 +68,7 @@ def worker_env(tmp_path: Path) -> dict[str, str]:
         client.create_work_pool(WorkPoolCreate(name="gpu", type="process"))
     deploy = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml"]
     done = subprocess.run(
-        [*deploy, "--name", "sentiment-train"],
+        [*deploy, "--name", "sentiment-train", "--name", "recommendation-train"],
         cwd=ROOT,
         env={**env, "PWD": str(ROOT)},
         capture_output=True,
@@ -139,7 +140,7 @@ def test_training_on_the_gpu_pool_gives_the_same_model(state_dir, tiny_model_dir
 def test_a_missing_train_deployment_fails_the_run_naming_the_stage(state_dir, tiny_model_dir, files) -> None:
     state = finetune(config_for(tiny_model_dir, files, train_on="train/no-such-deployment"), return_state=True)
     assert state.is_failed()
-    assert state.message.startswith("stage hand-off-training failed: RuntimeError: training.train_on=")
+    assert state.message.startswith("stage hand-off-training failed: RuntimeError: infrastructure.train_on=")
     assert "no such deployment" in state.message
 
 
@@ -150,7 +151,9 @@ def test_a_hand_off_no_worker_picks_up_is_cancelled_and_fails_the_run(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     config = config_for(tiny_model_dir, files, train_on=DEPLOYMENT)
-    config = config.model_copy(update={"training": config.training.model_copy(update={"start_timeout_s": 3})})
+    config = config.model_copy(
+        update={"infrastructure": config.infrastructure.model_copy(update={"start_timeout_s": 3})}
+    )
     state = finetune(config, return_state=True)  # pool gpu has no worker in this test
 
     assert state.is_failed()
@@ -160,3 +163,23 @@ def test_a_hand_off_no_worker_picks_up_is_cancelled_and_fails_the_run(
     with get_client(sync_client=True) as client:
         (handed,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     assert handed.state is not None and handed.state.is_cancelled()  # a worker started later will not run it
+
+
+def test_the_recommender_trains_on_the_gpu_pool_like_in_process(
+    state_dir, tiny_model_dir, log_folder, gpu_worker
+) -> None:
+    """The bi-encoder goes through the same hand-off: deployment train/recommendation-train, same weights."""
+    from safetensors.torch import load_file
+
+    local = finetune(recommender_config(tiny_model_dir, log_folder, epochs=1))
+    remote = finetune(
+        recommender_config(
+            tiny_model_dir, log_folder, epochs=1, **{"infrastructure.train_on": "train/recommendation-train"}
+        )
+    )
+    (here, here_dir), (there, there_dir) = trained(local.run_id), trained(remote.run_id)
+    assert there.steps == here.steps > 0
+    a, b = load_file(here_dir / "model" / "model.safetensors"), load_file(there_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert remote.metrics == pytest.approx(local.metrics, abs=1e-6)
+    assert remote.version == "2" and local.version == "1"

@@ -35,4 +35,4 @@ def test_minilm_learns_sst2_sentiment_end_to_end(state_dir: Path) -> None:
     assert list(scored["label"]) == ["positive", "negative"]
     assert scored["score"].between(0.5, 1.0).all()
     version = mlflow.MlflowClient().get_model_version("sentiment", summary.version)
-    assert float(version.tags["onnx_max_abs_logit_diff"]) <= 1e-4
+    assert float(version.tags["onnx_max_abs_diff"]) <= 1e-4

@@ -1,6 +1,7 @@
-"""The recommendation flows end to end with a tiny model built from a config: fine-tune, rank
-against the baselines, register (gate on NDCG@10), then ``recommend`` from the champion,
-including cold-start items that nobody rated."""
+"""The recommendation scenario through the one fine-tune flow, with a tiny model built from a config:
+fine-tune the bi-encoder, rank against the baselines, register (gate on NDCG@10), then ``recommend``
+from the champion, including cold-start items that nobody rated. Through the same pipeline as the
+classifiers it gets idempotency keys, alias rollback, torchrun and the gpu-pool hand-off."""
 
 from __future__ import annotations
 
@@ -10,51 +11,32 @@ import mlflow
 import pandas as pd
 import pytest
 
+from finetune_flows.flows.finetune import finetune
 from finetune_flows.flows.recommend import recommend
-from finetune_flows.flows.recommender import finetune_recommender
-from finetune_flows.plugins import DataError
-from finetune_flows.tasks.ranking.config import RecommenderConfig
+from finetune_flows.plugins import DataError, PromotionError
+from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.training import RESULT_FILE, TrainResult
 from finetune_flows.tasks.ranking.recommending import RecommendConfig
+from tests.conftest import COOKING, SPACE
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-SPACE = [f"Rocket mission {i}. Space, Science Fiction. Tags: astronauts, orbit" for i in range(40)]
-COOKING = [f"Pasta kitchen {i}. Cooking, Food. Tags: recipes, chef" for i in range(40)]
 
-
-@pytest.fixture
-def log_folder(tmp_path: Path) -> Path:
-    """40 users, half of whom like space films and half cooking shows; plus three bad inputs."""
-    folder = tmp_path / "log"
-    folder.mkdir()
-    items = [(f"s{i}", t) for i, t in enumerate(SPACE)] + [(f"c{i}", t) for i, t in enumerate(COOKING)]
-    pd.DataFrame(items, columns=["item", "text"]).to_csv(folder / "items.csv", index=False)
-    rows = []
-    for user in range(40):
-        liked, other = ("s", "c") if user % 2 == 0 else ("c", "s")
-        for step in range(12):
-            item = (user * 3 + step * 7) % 40
-            rows.append((f"u{user}", f"{liked}{item}", 5, 1000 + 10 * step))
-            if step % 4 == 0:
-                rows.append((f"u{user}", f"{other}{item}", 1, 1005 + 10 * step))
-    rows += [("u0", "x999", 5, 5000), ("u1", "s1", "great", 5000), ("lonely", "s2", 5, 10)]
-    pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"]).to_csv(folder / "interactions.csv", index=False)
-    return folder
-
-
-def config_for(model_dir: Path, folder: Path, **training: object) -> RecommenderConfig:
-    return RecommenderConfig.for_scenario(
+def config_for(model_dir: Path, folder: Path, **overrides: object) -> FinetuneConfig:
+    """Dotted overrides; a bare key (``epochs``) is a training field."""
+    return FinetuneConfig.for_scenario(
         "recommendation",
         {
             "model.source": str(model_dir),
             "model.max_length": 32,
-            "data.path": str(folder),
-            "data.pairs_per_user": 10,
+            "data.train_path": str(folder),
+            "ranking.pairs_per_user": 10,
+            "ranking.mf_epochs": 20,
             "training.batch_size": 16,
             "training.learning_rate": 2e-3,
             "training.epochs": 4,
-            "baselines.mf_epochs": 20,
-            **{f"training.{k}": v for k, v in training.items()},
+            "training.precision": "fp32",
+            **{k if "." in k else f"training.{k}": v for k, v in overrides.items()},
         },
     )
 
@@ -62,14 +44,16 @@ def config_for(model_dir: Path, folder: Path, **training: object) -> Recommender
 def test_recommender_registers_ranks_and_recommends(
     state_dir: Path, tiny_model_dir: Path, log_folder: Path, tmp_path: Path
 ) -> None:
-    first = finetune_recommender(config_for(tiny_model_dir, log_folder))
+    first = finetune(config_for(tiny_model_dir, log_folder))
     assert (first.version, first.aliases, first.decision) == (
         "1",
         ["challenger", "champion"],
         "promoted: no champion yet",
     )
-    assert (first.skipped_rows, first.skipped_users) == (2, 1)  # unknown item, non-numeric rating; a 1-rating user
-    table = pd.read_csv(Path(first.ranking_table).with_suffix(".csv"))
+    # unknown item and non-numeric rating skipped; one user with a single rating
+    assert "2 bad rows and 1 users with too few positives skipped" in first.data_summary
+    (report,) = first.reports
+    table = pd.read_csv(Path(report).with_suffix(".csv"))
     assert set(table["method"]) == {"popularity", "item-knn", "mf-bpr", "model", "hybrid"}
     assert len(table) == 10 and table[["hr_at_10", "ndcg_at_10", "mrr"]].le(1).all().all()
     # The trained encoder separates the two tastes: far above chance (HR@10 over 100 candidates ~ 0.1).
@@ -90,7 +74,7 @@ def test_recommender_registers_ranks_and_recommends(
     assert scores["score"].iloc[0] > scores["score"].iloc[1]
 
     # A worse challenger (barely trained) stays challenger; the gate compares NDCG@10 on the same candidates.
-    second = finetune_recommender(config_for(tiny_model_dir, log_folder, learning_rate=1e-7, epochs=1))
+    second = finetune(config_for(tiny_model_dir, log_folder, learning_rate=1e-7, epochs=1))
     assert second.version == "2" and second.aliases == ["challenger"], second.decision
     assert second.decision.startswith("kept champion")
     assert str(client.get_model_version_by_alias("recommendation", "champion").version) == "1"
@@ -128,7 +112,52 @@ def test_a_log_without_good_rows_fails_and_registers_nothing(
         DataError,
         match=r"no valid interaction among 1 rows.*interactions.csv.*row 1, column 'item', value 'zzz': unknown item",
     ):
-        finetune_recommender(config_for(tiny_model_dir, folder))
-    state = finetune_recommender(config_for(tiny_model_dir, folder), return_state=True)
+        finetune(config_for(tiny_model_dir, folder))
+    state = finetune(config_for(tiny_model_dir, folder), return_state=True)
     assert state.is_failed() and str(state.message).startswith("stage prepare-interactions failed: DataError: ")
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_one_idempotency_key_twice_gives_one_recommender_version(
+    state_dir: Path, tiny_model_dir: Path, log_folder: Path
+) -> None:
+    key = {"registration.idempotency_key": "nightly-2024-06-01", "epochs": 1}
+    config = config_for(tiny_model_dir, log_folder, **key)
+    first, second = finetune(config), finetune(config)
+    assert (first.version, second.version) == ("1", "1")
+    assert not first.reused_version and second.reused_version
+    versions = mlflow.MlflowClient().search_model_versions("name='recommendation'")
+    assert [str(v.version) for v in versions] == ["1"]
+
+
+def test_a_recommender_registration_failing_after_register_leaves_the_champion(
+    state_dir: Path, tiny_model_dir: Path, log_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = finetune(config_for(tiny_model_dir, log_folder))
+    assert first.aliases == ["challenger", "champion"]
+
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    def refuse_challenger(self: mlflow.MlflowClient, name: str, alias: str, version: str) -> None:
+        if alias == "challenger" and str(version) == "2":  # the new version is registered by now
+            raise RuntimeError("registry went away while moving the alias")
+        real(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", refuse_challenger)
+    with pytest.raises(PromotionError, match="registry went away"):
+        finetune(config_for(tiny_model_dir, log_folder, epochs=1))
+    monkeypatch.undo()
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("recommendation", "champion").version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='recommendation'")] == ["1"]
+
+
+def test_the_recommender_trains_with_torchrun_on_two_processes(
+    state_dir: Path, tiny_model_dir: Path, log_folder: Path
+) -> None:
+    summary = finetune(config_for(tiny_model_dir, log_folder, **{"infrastructure.processes": 2, "epochs": 1}))
+    run_dir = Path(mlflow.MlflowClient().get_run(summary.run_id).data.tags["run_dir"])
+    result = TrainResult.model_validate_json((run_dir / RESULT_FILE).read_text())
+    assert result.world_size == 2 and result.steps > 0
+    assert summary.version == "1" and summary.metrics["hr_at_10"] > 0.0
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "model" / "tokenizer.json").is_file()

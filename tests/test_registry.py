@@ -37,12 +37,34 @@ class ToyHead:
     name: ClassVar[str] = "toy-head"
     description: ClassVar[str] = "A toy head for tests."
     label_kind: ClassVar[LabelKind] = LabelKind.CATEGORICAL
+    text_columns: ClassVar[tuple[str, ...]] = ("text",)
+    evaluator: ClassVar[str] = "finetune_flows.tasks.classification.evaluation:ClassificationEvaluator"
+    serving_entry: ClassVar[str] = "finetune_flows.tasks.serving.classifier_model"
+    export_output: ClassVar[str] = "logits"
 
     def build_model(self, source: str, id2label: dict[int, str]) -> Any:
         return None
 
     def predict(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return logits.argmax(axis=-1), logits
+
+    def tokenize(self, tokenizer: Any, batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
+        return {}
+
+    def collator(self, tokenizer: Any) -> Any:
+        return None
+
+    def trainer_options(self) -> dict[str, Any]:
+        return {}
+
+    def save_trained(self, model: Any, source_dir: Path, out_dir: Path) -> None:
+        return None
+
+    def export_module(self, model_dir: Path) -> Any:
+        return None
+
+    def export_metadata(self, model_dir: Path) -> dict[str, str]:
+        return {}
 
 
 class RivalToyHead(ToyHead):
@@ -59,9 +81,17 @@ class NoPredictHead:
     name: ClassVar[str] = "no-predict"
     description: ClassVar[str] = "Forgot to implement predict."
     label_kind: ClassVar[LabelKind] = LabelKind.CATEGORICAL
-
-    def build_model(self, source: str, id2label: dict[int, str]) -> Any:
-        return None
+    text_columns: ClassVar[tuple[str, ...]] = ("text",)
+    evaluator: ClassVar[str] = ToyHead.evaluator
+    serving_entry: ClassVar[str] = ToyHead.serving_entry
+    export_output: ClassVar[str] = "logits"
+    build_model = ToyHead.build_model
+    tokenize = ToyHead.tokenize
+    collator = ToyHead.collator
+    trainer_options = ToyHead.trainer_options
+    save_trained = ToyHead.save_trained
+    export_module = ToyHead.export_module
+    export_metadata = ToyHead.export_metadata
 
 
 class BadNameHead(ToyHead):
@@ -77,21 +107,43 @@ def new_registry(group: str = TEST_GROUP) -> Registry[TaskHead]:
 
 _HEAD_CLASS = """
 class Thing:
-    api_version = 1
+    api_version = 2
     name = {name!r}
     description = "written by the test"
     label_kind = "categorical"
+    text_columns = ("text",)
+    evaluator = "finetune_flows.tasks.classification.evaluation:ClassificationEvaluator"
+    serving_entry = "finetune_flows.tasks.serving.classifier_model"
+    export_output = "logits"
 
     def build_model(self, source, id2label):
         return None
 
     def predict(self, logits):
         return logits, logits
+
+    def tokenize(self, tokenizer, batch, max_length):
+        return {{}}
+
+    def collator(self, tokenizer):
+        return None
+
+    def trainer_options(self):
+        return {{}}
+
+    def save_trained(self, model, source_dir, out_dir):
+        return None
+
+    def export_module(self, model_dir):
+        return None
+
+    def export_metadata(self, model_dir):
+        return {{}}
 """
 
 _MODULES = {
     "ffx_good_head": _HEAD_CLASS.format(name="good-head"),
-    "ffx_old_api": _HEAD_CLASS.format(name="old-api").replace("api_version = 1", "api_version = 0"),
+    "ffx_old_api": _HEAD_CLASS.format(name="old-api").replace("api_version = 2", "api_version = 0"),
     "ffx_import_fails": 'raise RuntimeError("libcuda.so not found")\n',
     "ffx_init_fails": _HEAD_CLASS.format(name="init-fails")
     + """
@@ -175,7 +227,7 @@ def test_duplicate_of_an_entry_point_name_is_refused_naming_both() -> None:
     with pytest.raises(
         PluginError,
         match=r"'sequence-classification' is already registered by "
-        r"plugins\.heads\.sequence_classification:SequenceClassificationHead.*ImpostorHead",
+        r"finetune_flows\.plugins\.heads\.sequence_classification:SequenceClassificationHead.*ImpostorHead",
     ):
         registry.register(ImpostorHead)
     assert isinstance(registry.get("sequence-classification"), SequenceClassificationHead)

@@ -13,8 +13,9 @@ import pytest
 
 import finetune_flows.tasks.publishing.promotion as promotion
 from finetune_flows.flows.finetune import finetune
-from finetune_flows.flows.retrain import RetrainConfig, plan_retrain, retrain
-from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.flows.retrain import retrain
+from finetune_flows.tasks.core.config import FinetuneConfig, RetrainConfig
+from finetune_flows.tasks.core.retraining import plan_retrain
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.publishing.promotion import Candidate, promote_locked, promote_version
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
@@ -47,8 +48,8 @@ def retrain_config(folder: tuple[Path, ...], slot: str, **training: object) -> R
         {
             "scenario": "sentiment",
             "data_folder": str(folder[0]),
-            "eval_path": str(folder[1]),
-            "max_length": 32,
+            "data": {"eval_path": str(folder[1])},
+            "model": {"max_length": 32},
             "slot": slot,
             "training": {"eval_every_steps": 5, "batch_size": 16, "learning_rate": 5e-3, **training},
         }

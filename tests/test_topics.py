@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from finetune_flows.plugins import ConfigError, ParityError
-from finetune_flows.tasks.export.encoder_export import check_encoder_parity, export_sentence_encoder
+from finetune_flows.tasks.export.model_export import check_head_parity, export_sentence_encoder
+from finetune_flows.tasks.monitoring.taxonomy import DEFAULT_TAXONOMY, load_taxonomy
+from finetune_flows.tasks.serving import topics as served_topics
+from finetune_flows.tasks.serving.errors import ModelFilesError
 from finetune_flows.tasks.serving.topics import (
-    DEFAULT_TAXONOMY,
     ENCODER_FILE,
     TAXONOMY_FILE,
     TOKENIZER_FILE,
@@ -28,7 +30,6 @@ from finetune_flows.tasks.serving.topics import (
     Taxonomy,
     Topic,
     TopicAssigner,
-    load_taxonomy,
     load_topic_assigner,
     pick_topics,
 )
@@ -53,6 +54,11 @@ def write_taxonomy(folder: Path, data: object, name: str = "topics.json") -> Pat
     path = folder / name
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def encoder_parity(onnx_path: Path, model_dir: Path, texts: list[str]) -> float:
+    """Max |embedding difference| of the exported sentence encoder, from the one parity gate."""
+    return check_head_parity(onnx_path, model_dir, "bi-encoder", texts, min_texts=1).max_abs_diff
 
 
 def topic(name: str, *examples: str) -> dict:
@@ -124,6 +130,18 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
         load_taxonomy(path)
 
 
+def test_served_models_check_the_taxonomy_without_finetune_flows_errors(tmp_path: Path) -> None:
+    """The served copy raises its own ModelFilesError; finetune-flows turns it into a ConfigError."""
+    path = write_taxonomy(tmp_path, {"threshold": 0.3, "topics": []})
+    problem = r"topics\.json is invalid: topics: List should have at least 1 item"
+
+    with pytest.raises(ModelFilesError, match=problem):
+        served_topics.load_taxonomy(path)
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_taxonomy(path)
+    assert isinstance(caught.value.__cause__, ModelFilesError)
+
+
 # -- the torch-free encoder, on the tiny model ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -185,13 +203,13 @@ def test_encoder_needs_an_embedding_output(tmp_path: Path, tiny_onnx: Path, tiny
     graph.graph.node[-1].output[0] = "pooled"
     onnx.save(graph, str(tmp_path / "renamed.onnx"))
 
-    with pytest.raises(ConfigError, match=r"has no output 'embedding' \(outputs: \['pooled'\]\)"):
+    with pytest.raises(ModelFilesError, match=r"has no output 'embedding' \(outputs: \['pooled'\]\)"):
         SentenceEncoder(tmp_path / "renamed.onnx", tiny_model_dir / "tokenizer.json")
 
 
 # -- the parity gate ------------------------------------------------------------------------------------
 def test_parity_passes_for_a_faithful_export(tiny_onnx: Path, tiny_model_dir: Path) -> None:
-    worst = check_encoder_parity(tiny_onnx, tiny_model_dir, TEXTS * 20)
+    worst = encoder_parity(tiny_onnx, tiny_model_dir, TEXTS * 20)
 
     assert 0.0 <= worst <= 1e-4
 
@@ -208,13 +226,13 @@ def test_parity_fails_on_a_tampered_graph(tmp_path: Path, tiny_onnx: Path, tiny_
     tampered = tmp_path / "tampered.onnx"
     onnx.save(graph, str(tampered))
 
-    with pytest.raises(ParityError, match=r"encoder parity failed for .*tampered\.onnx: max \|embedding difference\|"):
-        check_encoder_parity(tampered, tiny_model_dir, TEXTS)
+    with pytest.raises(ParityError, match=r"ONNX parity failed for .*tampered\.onnx: max \|embedding difference\|"):
+        encoder_parity(tampered, tiny_model_dir, TEXTS)
 
 
 def test_parity_needs_texts(tiny_onnx: Path, tiny_model_dir: Path) -> None:
-    with pytest.raises(ParityError, match="at least one text"):
-        check_encoder_parity(tiny_onnx, tiny_model_dir, [])
+    with pytest.raises(ParityError, match="at least 1 eval texts, got 0"):
+        encoder_parity(tiny_onnx, tiny_model_dir, [])
 
 
 # -- the assigner's mechanics (tiny model: only exact matches are meaningful) -----------------------------
@@ -245,14 +263,14 @@ def test_a_text_equal_to_an_example_gets_its_topic(tiny_encoder: SentenceEncoder
 
 
 def test_top_k_is_checked(tiny_encoder: SentenceEncoder) -> None:
-    with pytest.raises(ConfigError, match="top_k must be at least 1"):
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
         TopicAssigner(tiny_encoder, load_taxonomy(), top_k=0)
 
 
 def test_assigner_folder_loads_and_names_what_is_missing(tmp_path: Path, tiny_onnx: Path, tiny_model_dir: Path) -> None:
     shutil.copy2(tiny_onnx, tmp_path / ENCODER_FILE)
     shutil.copy2(tiny_model_dir / "tokenizer.json", tmp_path / TOKENIZER_FILE)
-    with pytest.raises(ConfigError, match=rf"lacks \['{TAXONOMY_FILE}'\]"):
+    with pytest.raises(ModelFilesError, match=rf"lacks \['{TAXONOMY_FILE}'\]"):
         load_topic_assigner(tmp_path)
     shutil.copy2(DEFAULT_TAXONOMY, tmp_path / TAXONOMY_FILE)
 
@@ -270,7 +288,7 @@ def test_scoring_imports_no_torch(tiny_onnx: Path, tiny_model_dir: Path) -> None
         from finetune_flows.tasks.serving.topics import SentenceEncoder, TopicAssigner, load_taxonomy
         encoder = SentenceEncoder({str(tiny_onnx)!r}, {str(tiny_model_dir / "tokenizer.json")!r})
         rows = encoder.encode(["Net profit rose 12 %", "The company cut 500 jobs"])
-        topics = TopicAssigner(encoder, load_taxonomy()).assign(["Net profit rose 12 %"])
+        topics = TopicAssigner(encoder, load_taxonomy({str(DEFAULT_TAXONOMY)!r})).assign(["Net profit rose 12 %"])
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         print(rows.shape, len(topics), loaded, sys.modules["torch"])
         """
@@ -345,4 +363,4 @@ def test_minilm_with_the_shipped_taxonomy(minilm_encoder: SentenceEncoder) -> No
 
 @pytest.mark.slow
 def test_minilm_export_matches_pytorch(minilm_onnx: Path, minilm_dir: Path) -> None:
-    assert check_encoder_parity(minilm_onnx, minilm_dir, TEXTS * 5) <= 1e-4
+    assert encoder_parity(minilm_onnx, minilm_dir, TEXTS * 5) <= 1e-4

@@ -48,16 +48,9 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from finetune_flows.plugins import HEADS, SCENARIOS
-    from finetune_flows.plugins.specs import LabelKind
     from finetune_flows.tasks.core.config import FinetuneConfig, parse_overrides
 
     overrides = parse_overrides(args.set or [])
-    if (
-        args.scenario in SCENARIOS.names()
-        and HEADS.get(SCENARIOS.get(args.scenario).head).label_kind is LabelKind.RANKING
-    ):
-        return _run_recommender(args.scenario, args.data, overrides)
     if args.data:
         overrides["data.train_path"] = args.data[0]
         if len(args.data) > 1:
@@ -73,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.write(f"version          : {summary.version}\n")
     out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
     out.write(f"promotion        : {summary.decision}\n")
+    out.write(f"data             : {summary.data_summary}\n")
     for key, value in summary.metrics.items():
         label = f"test {key.removeprefix('test_')}" if key.startswith("test_") else f"eval {key}"
         out.write(f"{label:<17}: {value:.4f}\n")
@@ -82,30 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"cache            : ingest {'reused' if summary.reused_ingest else 'built'}, "
         f"tokens {'reused' if summary.reused_tokens else 'built'}\n"
     )
-    return 0
-
-
-def _run_recommender(scenario: str, data: list[str] | None, overrides: dict[str, object]) -> int:
-    from finetune_flows.tasks.ranking.config import RecommenderConfig
-
-    if data:
-        overrides["data.path"] = data[0]
-    config = RecommenderConfig.for_scenario(scenario, overrides)
-    _prepare_environment()
-    from finetune_flows.flows.recommender import finetune_recommender
-
-    summary = finetune_recommender(config)
-    out = sys.stdout
-    out.write("\n=== finetune-flows: recommender run complete ===\n")
-    out.write(
-        f"registered model : {summary.model_name} v{summary.version} ({', '.join(summary.aliases) or 'no alias'})\n"
-    )
-    out.write(f"promotion        : {summary.decision}\n")
-    out.write(
-        f"skipped          : {summary.skipped_rows} bad rows, {summary.skipped_users} users with too few positives\n"
-    )
-    out.write(f"training time    : {summary.train_seconds:.0f} s\n")
-    out.write(Path(summary.ranking_table).read_text(encoding="utf-8"))
+    for report in summary.reports:
+        out.write("\n" + Path(report).read_text(encoding="utf-8"))
     return 0
 
 

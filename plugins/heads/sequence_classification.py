@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -13,10 +15,14 @@ from finetune_flows.plugins.specs import LabelKind
 class SequenceClassificationHead:
     """A linear classifier over the encoder's pooled output, trained with cross-entropy."""
 
-    api_version: ClassVar[int] = 1
+    api_version: ClassVar[int] = 2
     name: ClassVar[str] = "sequence-classification"
     description: ClassVar[str] = "Single-label classification into N classes taken from the data."
     label_kind: ClassVar[LabelKind] = LabelKind.CATEGORICAL
+    text_columns: ClassVar[tuple[str, ...]] = ("text",)
+    evaluator: ClassVar[str] = "finetune_flows.tasks.classification.evaluation:ClassificationEvaluator"
+    serving_entry: ClassVar[str] = "finetune_flows.tasks.serving.classifier_model"
+    export_output: ClassVar[str] = "logits"
 
     def build_model(self, source: str, id2label: dict[int, str]) -> Any:
         """Load the encoder at ``source`` (a local folder) with a fresh or matching classifier."""
@@ -38,3 +44,53 @@ class SequenceClassificationHead:
         """Arg-max ids and softmax probabilities (computed stably in float64)."""
         probs = softmax(logits)
         return probs.argmax(axis=-1), probs
+
+    def export_module(self, model_dir: Path) -> Any:
+        """The checkpoint at ``model_dir`` returning its logits: what is exported and checked."""
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        class Logits(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    str(model_dir), use_safetensors=True, attn_implementation="eager"
+                )
+
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+            ) -> torch.Tensor:
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+                return self.model(**{k: v for k, v in inputs.items() if v is not None}).logits
+
+        return Logits().eval()
+
+    def export_metadata(self, model_dir: Path) -> dict[str, str]:
+        """The label names by class index (``id2label`` as JSON), which the served model reports."""
+        from transformers import AutoConfig
+
+        id2label = AutoConfig.from_pretrained(str(model_dir)).id2label
+        return {"id2label": json.dumps({str(k): v for k, v in id2label.items()})}
+
+    def tokenize(self, tokenizer: Any, batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
+        """Token ids of ``text`` (truncated, unpadded), ``labels`` from ``label_id``, and which rows were cut."""
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        return {
+            **encoded,
+            "labels": batch["label_id"],
+            "truncated": [len(e.overflowing) > 0 for e in encoded.encodings],
+        }
+
+    def collator(self, tokenizer: Any) -> Any:
+        """Pads each batch to its longest text."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def trainer_options(self) -> dict[str, Any]:
+        """The pipeline's defaults fit: evaluate and keep the best checkpoint by the scenario's metric."""
+        return {}
+
+    def save_trained(self, model: Any, source_dir: Path, out_dir: Path) -> None:
+        """The Hugging Face checkpoint (config, safetensors weights, labels)."""
+        model.save_pretrained(str(out_dir), safe_serialization=True)

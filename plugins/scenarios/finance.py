@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from finetune_flows.plugins.errors import DataError
 from finetune_flows.plugins.readers import decode_utf8
-from finetune_flows.plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
+from finetune_flows.plugins.specs import DataLayout, ExtraStage, SampleData, ScenarioBase, ScenarioDefaults, StageHook
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,7 +49,7 @@ def read_phrasebank(path: Path) -> pd.DataFrame:
 class FinanceScenario(ScenarioBase):
     """Opinion in financial news and filings; the base of the ``monitor`` flow."""
 
-    api_version: ClassVar[int] = 1
+    api_version: ClassVar[int] = 2
     name: ClassVar[str] = "finance-monitoring"
     description: ClassVar[str] = "3-class financial sentiment (Financial PhraseBank); FinBERT protocol split."
     head: ClassVar[str] = "sequence-classification"
@@ -59,6 +59,14 @@ class FinanceScenario(ScenarioBase):
     )
     label_names: ClassVar[dict[str, str]] = {label: label for label in LABELS}
     primary_metric: ClassVar[str] = "macro_f1"
+    extra_stages: ClassVar[tuple[ExtraStage, ...]] = (
+        ExtraStage(
+            "export-topic-encoder",
+            StageHook.BEFORE_REGISTER,
+            "finetune_flows.tasks.monitoring.topic_encoder:export_topic_encoder",
+            "the sentence encoder as ONNX and the topic taxonomy, shipped with the model for `monitor`",
+        ),
+    )
     defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults(
         model="minilm",
         max_length=96,

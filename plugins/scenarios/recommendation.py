@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from finetune_flows.plugins.specs import DataLayout, SampleData, ScenarioBase, ScenarioDefaults
+from finetune_flows.plugins.specs import DataLayout, ExtraStage, SampleData, ScenarioBase, ScenarioDefaults, StageHook
 
 _SAMPLE = Path(__file__).parent / "data" / "movielens_sample"
 
@@ -18,7 +18,7 @@ _SAMPLE = Path(__file__).parent / "data" / "movielens_sample"
 class RecommendationScenario(ScenarioBase):
     """Top-k items for a user from the text of what they liked; cold-start items by their text alone."""
 
-    api_version: ClassVar[int] = 1
+    api_version: ClassVar[int] = 2
     name: ClassVar[str] = "recommendation"
     description: ClassVar[str] = "Text-based recommendation from ratings + item text (MovieLens or generic layout)."
     head: ClassVar[str] = "bi-encoder"
@@ -27,6 +27,20 @@ class RecommendationScenario(ScenarioBase):
         DataLayout("generic", "text", "rating", "folder: interactions.csv user,item,rating,timestamp; items.csv"),
     )
     primary_metric: ClassVar[str] = "ndcg_at_10"
+    extra_stages: ClassVar[tuple[ExtraStage, ...]] = (
+        ExtraStage(
+            "prepare-interactions",
+            StageHook.PREPARE,
+            "finetune_flows.tasks.ranking.dataset:prepare_interactions",
+            "interaction folder -> leave-one-out split by time, training pairs and candidates",
+        ),
+        ExtraStage(
+            "compare-with-baselines",
+            StageHook.BEFORE_REGISTER,
+            "finetune_flows.tasks.ranking.comparison:compare_with_baselines",
+            "popularity, item-kNN, BPR-MF and a hybrid ranked on the same candidates; the ranking table",
+        ),
+    )
     defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults(
         model="minilm",
         max_length=64,

@@ -13,7 +13,7 @@ _SAMPLE = Path(__file__).parent / "data" / "sst2_sample"
 class SentimentScenario(ScenarioBase):
     """Positive or negative opinion in reviews; decided by accuracy, like the GLUE SST-2 task."""
 
-    api_version: ClassVar[int] = 1
+    api_version: ClassVar[int] = 2
     name: ClassVar[str] = "sentiment"
     description: ClassVar[str] = "Binary review sentiment (negative/positive); reads SST-2 TSV and IMDB CSV."
     head: ClassVar[str] = "sequence-classification"

@@ -10,37 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict
 
-from finetune_flows.plugins import HEADS, SCENARIOS
-from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.ingestion import IngestResult
-from finetune_flows.tasks.core.tracking import RunInfo
+from finetune_flows.plugins import HEADS
+from finetune_flows.tasks.classification.plots import plot_confusion, plot_reliability
+from finetune_flows.tasks.core.evaluating import EvalRequest, EvalResult
 
 logger = logging.getLogger(__name__)
-
-
-class EvalResult(BaseModel):
-    """Headline metrics and where the full report and plots are."""
-
-    model_config = ConfigDict(frozen=True)
-
-    metrics: dict[str, float]
-    report_dir: str
-    confusion_png: str
-    reliability_png: str
-    primary_metric: str
-    test_metrics: dict[str, float] | None = None
-    """The same metrics on the test split, when there is one (reported only, never used to choose)."""
-
-    @property
-    def primary(self) -> float:
-        return self.metrics[self.primary_metric]
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -79,49 +58,6 @@ def classification_metrics(
     metrics["ece"] = expected_calibration_error(probs.max(axis=-1), y_true == y_pred, bins)
     metrics["confusion_matrix"] = confusion.tolist()
     return metrics
-
-
-def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), count in np.ndenumerate(confusion):
-        color = "white" if count > confusion.max() / 2 else "black"
-        ax.text(j, i, str(count), ha="center", va="center", color=color)
-    ax.set_title("Confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_reliability(confidence: np.ndarray, correct: np.ndarray, bins: int, ece: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    centers = (edges[:-1] + edges[1:]) / 2
-    accuracy = [correct[which == b].mean() if (which == b).any() else 0.0 for b in range(bins)]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.bar(centers, accuracy, width=1.0 / bins, edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def predict_logits(model_dir: Path, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
@@ -176,7 +112,8 @@ def evaluate_checkpoint(
         report_dir / "predictions.parquet", index=False
     )
     logger.info(
-        "evaluate: %s %.4f, macro-F1 %.4f, ECE %.4f",
+        "evaluate %s: %s %.4f, macro-F1 %.4f, ECE %.4f",
+        split,
         primary_metric,
         metrics[primary_metric],
         metrics["macro_f1"],
@@ -184,45 +121,17 @@ def evaluate_checkpoint(
     )
     return EvalResult(
         metrics=metrics,
-        report_dir=str(report_dir),
-        confusion_png=str(confusion_png),
-        reliability_png=str(reliability_png),
         primary_metric=primary_metric,
+        report_dir=str(report_dir),
+        headline=list(ClassificationEvaluator.headline),
+        plots=[str(confusion_png), str(reliability_png)],
     )
 
 
-@task(name="evaluate")
-def evaluate_model(model_dir: str, data: IngestResult, config: FinetuneConfig, run: RunInfo) -> EvalResult:
-    """Score the eval split; log metrics and plots to MLflow and show them as Prefect artifacts."""
-    import mlflow
-
-    def score(split: str, folder: str) -> EvalResult:
-        return evaluate_checkpoint(
-            Path(model_dir),
-            Path(data.dataset_dir),
-            data.labels,
-            config.head_name,
-            config.model.max_length,
-            SCENARIOS.get(config.scenario).primary_metric,
-            Path(run.run_dir) / folder,
-            bins=config.evaluation.calibration_bins,
-            batch_size=config.evaluation.batch_size,
-            split=split,
-        )
-
-    result = score("eval", "evaluation")
-    test = score("test", "test") if data.test_rows else None
-    mlflow.set_tracking_uri(run.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id):
-        mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
-        mlflow.log_artifacts(result.report_dir, artifact_path="evaluation")
-        if test is not None:
-            mlflow.log_metrics({f"test_{k}": v for k, v in test.metrics.items()})
-            mlflow.log_artifacts(test.report_dir, artifact_path="test")
-    if test is not None:
-        result = result.model_copy(update={"test_metrics": test.metrics})
+def publish_report(result: EvalResult, labels: list[str], rows: int, scenario: str) -> None:
+    """The per-class table and the headline + confusion matrix as Prefect artifacts."""
     create_table_artifact(
-        key=f"{config.scenario}-metrics",
+        key=f"{scenario}-metrics",
         description="Per-class precision, recall and F1 on the eval set",
         table=[
             {
@@ -231,22 +140,70 @@ def evaluate_model(model_dir: str, data: IngestResult, config: FinetuneConfig, r
                 "recall": round(result.metrics[f"recall_{label}"], 4),
                 "f1": round(result.metrics[f"f1_{label}"], 4),
             }
-            for label in data.labels
+            for label in labels
         ],
     )
     confusion = json.loads((Path(result.report_dir) / "metrics.json").read_text())["confusion_matrix"]
-    header = "| true \\ predicted | " + " | ".join(data.labels) + " |\n|---|" + "---|" * len(data.labels)
-    rows = "\n".join(
-        f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(data.labels, confusion, strict=True)
+    header = "| true \\ predicted | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels)
+    table = "\n".join(
+        f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, confusion, strict=True)
     )
     create_markdown_artifact(
-        key=f"{config.scenario}-evaluation",
+        key=f"{scenario}-evaluation",
         description="Headline metrics and confusion matrix",
         markdown=(
-            f"### Evaluation on {data.eval_rows} texts\n\n"
+            f"### Evaluation on {rows} texts\n\n"
             f"accuracy **{result.metrics['accuracy']:.4f}**, macro-F1 **{result.metrics['macro_f1']:.4f}**, "
-            f"ECE {result.metrics['ece']:.4f}\n\n{header}\n{rows}\n\n"
-            f"Plots: `{result.confusion_png}`, `{result.reliability_png}` (also in the MLflow run)."
+            f"ECE {result.metrics['ece']:.4f}\n\n{header}\n{table}\n\n"
+            f"Plots: {', '.join(f'`{p}`' for p in result.plots)} (also in the MLflow run)."
         ),
     )
-    return result
+
+
+class ClassificationEvaluator:
+    """The classification report: accuracy, macro-F1, ECE, per-class precision/recall/F1, plots."""
+
+    headline: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "ece")
+
+    def evaluate(self, request: EvalRequest) -> EvalResult:
+        """Score eval (and test, into ``report_dir/test``) with the trained checkpoint."""
+
+        def score(split: str, folder: Path) -> EvalResult:
+            return evaluate_checkpoint(
+                Path(request.model_dir),
+                Path(request.dataset_dir),
+                request.labels,
+                request.head,
+                request.max_length,
+                request.primary_metric,
+                folder,
+                bins=request.evaluation.calibration_bins,
+                batch_size=request.evaluation.batch_size,
+                split=split,
+            )
+
+        result = score("eval", Path(request.report_dir))
+        if (Path(request.dataset_dir) / "test.parquet").is_file():
+            test = score("test", Path(request.report_dir) / "test")
+            result = result.model_copy(update={"test_metrics": test.metrics})
+        rows = int(np.sum(json.loads((Path(request.report_dir) / "metrics.json").read_text())["confusion_matrix"]))
+        publish_report(result, request.labels, rows, request.scenario)
+        return result
+
+    def score_champion(self, model_uri: str, request: EvalRequest) -> float | None:
+        """The champion's pyfunc on the same eval texts; None when its labels differ (not comparable)."""
+        import mlflow
+        import pandas as pd
+
+        champion = mlflow.pyfunc.load_model(model_uri)
+        frame = pd.read_parquet(Path(request.dataset_dir) / "eval.parquet")
+        predicted = champion.predict(pd.DataFrame({"text": frame["text"]}))
+        champion_labels = [c.removeprefix("prob_") for c in predicted.columns if c.startswith("prob_")]
+        if champion_labels != request.labels:
+            logger.info("champion labels %s differ from %s: not comparable", champion_labels, request.labels)
+            return None
+        index = {label: i for i, label in enumerate(request.labels)}
+        pred_ids = predicted["label"].map(index).to_numpy()
+        probs = predicted[[f"prob_{label}" for label in request.labels]].to_numpy()
+        metrics = classification_metrics(frame["label_id"].to_numpy(), pred_ids, probs, request.labels)
+        return float(metrics[request.primary_metric])

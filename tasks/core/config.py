@@ -9,12 +9,11 @@ overrides such as ``training.epochs=2``.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune_flows.plugins import HEADS, SCENARIOS, ConfigError
-from finetune_flows.plugins.specs import LabelKind
 
 MINILM = "minilm"
 
@@ -119,6 +118,11 @@ class TrainingConfig(_Frozen):
         description="balanced: weight each class's loss by n_rows / (n_classes * n_rows_of_class).",
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")
+
+
+class InfrastructureConfig(_Frozen):
+    """Where and how the training stage runs: in this flow run, across processes, or on another work pool."""
+
     processes: int = Field(
         default=1,
         ge=1,
@@ -143,6 +147,19 @@ class TrainingConfig(_Frozen):
             "and fail (a pool without a worker would otherwise keep this run waiting forever)."
         ),
     )
+
+
+class RankingConfig(_Frozen):
+    """How an interaction log becomes a ranking task, and the baselines it is compared with (ranking heads only)."""
+
+    positive_threshold: float = Field(default=4.0, ge=-1e9, le=1e9, description="Ratings at or above are positives.")
+    min_positives: int = Field(default=3, ge=3, le=1000, description="Positives a user needs to be evaluated.")
+    negatives: int = Field(default=99, ge=1, le=10_000, description="Never-rated items ranked against each target.")
+    profile_items: int = Field(default=10, ge=1, le=200, description="Recent positives written into a profile.")
+    pairs_per_user: int = Field(default=8, ge=1, le=10_000, description="Training pairs per user (most recent).")
+    max_tags: int = Field(default=5, ge=0, le=50, description="Most frequent tags added to an item's text.")
+    mf_factors: int = Field(default=32, ge=2, le=1024, description="BPR matrix-factorisation factors (baseline).")
+    mf_epochs: int = Field(default=40, ge=1, le=1000, description="BPR epochs over the training positives (baseline).")
 
 
 class EvaluationConfig(_Frozen):
@@ -190,17 +207,16 @@ class FinetuneConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    infrastructure: InfrastructureConfig = Field(default_factory=InfrastructureConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
 
     @field_validator("scenario")
     @classmethod
-    def _classifying_scenario(cls, value: str) -> str:
-        head = SCENARIOS.get(known_scenario(value)).head
-        if HEADS.get(head).label_kind is LabelKind.RANKING:
-            raise ValueError(f"scenario {value!r} ranks (head {head!r}); use the finetune-recommender flow")
-        return value
+    def _known_scenario(cls, value: str) -> str:
+        return known_scenario(value)
 
     @field_validator("head")
     @classmethod
@@ -212,6 +228,10 @@ class FinetuneConfig(_Frozen):
     @property
     def head_name(self) -> str:
         return self.head or SCENARIOS.get(self.scenario).head
+
+    @property
+    def primary_metric(self) -> str:
+        return SCENARIOS.get(self.scenario).primary_metric
 
     @property
     def model_name(self) -> str:
@@ -238,7 +258,7 @@ class FinetuneConfig(_Frozen):
         return merged
 
     @classmethod
-    def for_scenario(cls, scenario: str, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    def for_scenario(cls, scenario: str, overrides: dict[str, Any] | None = None) -> Self:
         """The scenario's defaults, then ``overrides`` (dotted keys, e.g. ``training.epochs``)."""
         if scenario not in SCENARIOS.names():
             raise ConfigError(f"unknown scenario {scenario!r}; registered scenarios: {SCENARIOS.names()}")
@@ -248,6 +268,32 @@ class FinetuneConfig(_Frozen):
         for key, value in (overrides or {}).items():
             set_dotted(values, key, value)
         return validated(cls, values)
+
+
+class RetrainConfig(FinetuneConfig):
+    """Retrain a scenario's model on a folder of labelled files, warm-starting from its champion; promote only on a
+    frozen eval file. Every fine-tune field applies; ``model.source`` is the start of the first version (later ones
+    start from the champion), ``data.eval_path`` is required (the frozen eval file) and the training file is the
+    folder's files, concatenated."""
+
+    data_folder: str = Field(
+        min_length=1, description="Folder of labelled files (CSV, TSV, JSONL, Parquet; .gz too): all are trained on."
+    )
+    slot: str | None = Field(
+        default=None,
+        max_length=100,
+        description="The schedule slot this run retrains for. Empty: the flow run's scheduled start time.",
+    )
+
+    @model_validator(mode="after")
+    def _frozen_eval_file(self) -> Self:
+        if not self.data.eval_path:
+            raise ValueError(
+                "data.eval_path: retraining needs a frozen eval file (challenger and champion are scored on it)"
+            )
+        if self.data.train_path:
+            raise ValueError("data.train_path: retraining trains on data_folder; leave data.train_path empty")
+        return self
 
 
 def known_scenario(value: str) -> str:

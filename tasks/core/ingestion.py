@@ -26,9 +26,11 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.plugins.specs import Scenario
-from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.config import DataConfig, FinetuneConfig
 from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.core.stages import PreparedData, StageContext, prepare_with_stage
 from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_table, resolve_columns
+from finetune_flows.tasks.core.tracking import RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +50,10 @@ class IngestOptions(BaseModel):
     seed: int = 42
 
 
-class IngestResult(BaseModel):
-    """Where the dataset is and what went into it; passed on to the next stages."""
+class IngestResult(PreparedData):
+    """The prepared dataset of labelled text, and what ingest did to the files."""
 
-    model_config = ConfigDict(frozen=True)
-
-    dataset_dir: str
-    data_hash: str
-    eval_hash: str
     test_hash: str | None = None
-    labels: list[str]
-    train_rows: int
-    eval_rows: int
-    test_rows: int = 0
     duplicates_removed: int
     eval_overlap_removed: int
     eval_is_split: bool
@@ -68,11 +61,6 @@ class IngestResult(BaseModel):
     label_column: str
     train_file: str
     eval_file: str | None
-    cached: bool = False
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.labels))
 
 
 def stratified_split(labels: pd.Series, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +198,10 @@ def ingest_files(
         label_column=label_col,
         train_file=str(train_file),
         eval_file=str(eval_file) if eval_file else None,
+        summary=(
+            f"{len(train)} train / {len(parts['eval'])} eval / {len(test) if test is not None else 0} test rows, "
+            f"labels {', '.join(classes)}"
+        ),
     )
     (out / "meta.json").write_text(result.model_dump_json(indent=2))
     logger.info(
@@ -225,9 +217,8 @@ def ingest_files(
     return result
 
 
-def data_files(config: FinetuneConfig, scenario: Scenario) -> tuple[Path, Path | None, Path | None]:
+def data_files(data: DataConfig, scenario: Scenario) -> tuple[Path, Path | None, Path | None]:
     """(train, eval, test) files: as configured, else the scenario's bundled sample."""
-    data = config.data
     test = Path(data.test_path) if data.test_path else None
     if data.train_path:
         return Path(data.train_path), Path(data.eval_path) if data.eval_path else None, test
@@ -238,21 +229,21 @@ def data_files(config: FinetuneConfig, scenario: Scenario) -> tuple[Path, Path |
 
 
 @task(name="ingest")
-def ingest_data(config: FinetuneConfig) -> IngestResult:
+def ingest_data(scenario_name: str, data: DataConfig, seed: int) -> IngestResult:
     """Validate and split the labelled files into a content-hashed dataset (reused when unchanged)."""
-    scenario = SCENARIOS.get(config.scenario)
-    train_file, eval_file, test_file = data_files(config, scenario)
+    scenario = SCENARIOS.get(scenario_name)
+    train_file, eval_file, test_file = data_files(data, scenario)
     options = IngestOptions(
-        text_column=config.data.text_column,
-        label_column=config.data.label_column,
-        eval_fraction=config.data.eval_fraction,
-        test_fraction=config.data.test_fraction,
-        max_train_rows=config.data.max_train_rows,
-        seed=config.training.seed,
+        text_column=data.text_column,
+        label_column=data.label_column,
+        eval_fraction=data.eval_fraction,
+        test_fraction=data.test_fraction,
+        max_train_rows=data.max_train_rows,
+        seed=seed,
     )
     result = ingest_files(train_file, eval_file, scenario, options, get_settings().cache_dir, test_file)
     create_markdown_artifact(
-        key=f"{config.scenario}-ingest",
+        key=f"{scenario_name}-ingest",
         description="Ingested dataset",
         markdown=(
             f"**{result.train_rows}** train / **{result.eval_rows}** eval / **{result.test_rows}** test rows "
@@ -263,3 +254,9 @@ def ingest_data(config: FinetuneConfig) -> IngestResult:
         ),
     )
     return result
+
+
+def prepare_data(config: FinetuneConfig, run: RunInfo) -> PreparedData:
+    """The scenario's own ``PREPARE`` stage where it declares one, else the generic labelled-text ingest."""
+    prepared = prepare_with_stage(StageContext(config=config, run=run))
+    return prepared if prepared is not None else ingest_data(config.scenario, config.data, config.training.seed)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Protocol
 
 from prefect import task
 
@@ -23,13 +22,6 @@ from finetune_flows.tasks.core.config import MINILM, ModelConfig
 from finetune_flows.tasks.core.tracking import RunInfo
 
 logger = logging.getLogger(__name__)
-
-
-class ModelChoice(Protocol):
-    """A flow parameter model with a ``model`` section (``FinetuneConfig``, ``RecommenderConfig``)."""
-
-    @property
-    def model(self) -> ModelConfig: ...
 
 
 HF_SUBDIR = "hf_model"
@@ -129,8 +121,8 @@ def tokenizer_hash(folder: Path) -> str:
 
 
 @task(name="fetch-model", retries=2, retry_delay_seconds=10)
-def fetch_model(config: ModelChoice, run: RunInfo) -> str:
+def fetch_model(model: ModelConfig, run: RunInfo) -> str:
     """A local folder holding the pretrained (or warm-start) checkpoint."""
-    folder = resolve_model_source(config.model.source, Path(run.run_dir))
-    logger.info("model source %r -> %s", config.model.source, folder)
+    folder = resolve_model_source(model.source, Path(run.run_dir))
+    logger.info("model source %r -> %s", model.source, folder)
     return str(folder)

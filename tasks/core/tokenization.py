@@ -16,10 +16,10 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.ingestion import IngestResult
+from finetune_flows.plugins import HEADS
 from finetune_flows.tasks.core.model_source import tokenizer_hash
 from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.core.stages import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TokenizeResult(BaseModel):
 def tokenize_dataset(
     dataset_dir: Path, model_dir: Path, data_hash: str, max_length: int, head: str, cache_dir: Path
 ) -> TokenizeResult:
-    """Tokenize train and eval splits of ``dataset_dir`` with the tokenizer in ``model_dir``."""
+    """Tokenize train and eval of ``dataset_dir`` with the tokenizer in ``model_dir``; ``head`` builds the features."""
     vocab = tokenizer_hash(model_dir)
     key = hashlib.sha256(f"{_TOKENIZE_VERSION}|{data_hash}|{vocab}|{max_length}|{head}".encode()).hexdigest()[:20]
     out = cache_dir / "tokenized" / key
@@ -61,11 +61,10 @@ def tokenize_dataset(
     if not tokenizer.is_fast:
         raise ValueError(f"the tokenizer in {model_dir} has no fast (Rust) implementation")
 
+    plugin = HEADS.get(head)
+
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label_id"]
-        encoded["truncated"] = [len(e.overflowing) > 0 for e in encoded.encodings]
-        return dict(encoded)
+        return plugin.tokenize(tokenizer, batch, max_length)
 
     truncated = 0
     total = 0
@@ -73,10 +72,12 @@ def tokenize_dataset(
     for split in ("train", "eval"):
         source = Dataset.from_parquet(str(dataset_dir / f"{split}.parquet"))
         tokenized = source.map(encode, batched=True, batch_size=1000, remove_columns=source.column_names)
-        truncated += sum(tokenized["truncated"])
+        if "truncated" in tokenized.column_names:
+            truncated += sum(tokenized["truncated"])
+            tokenized = tokenized.remove_columns("truncated")
         total += len(tokenized)
         counts[split] = len(tokenized)
-        tokenized.remove_columns("truncated").save_to_disk(str(out / split))
+        tokenized.save_to_disk(str(out / split))
 
     result = TokenizeResult(
         tokenized_dir=str(out),
@@ -99,13 +100,8 @@ def tokenize_dataset(
 
 
 @task(name="tokenize")
-def tokenize_data(data: IngestResult, model_dir: str, config: FinetuneConfig) -> TokenizeResult:
-    """Token ids for the ingested dataset, cached by data, tokenizer, max length and head."""
+def tokenize_data(data: PreparedData, model_dir: str, head: str, max_length: int) -> TokenizeResult:
+    """Token ids for the prepared dataset, built by the head; cached by data, tokenizer, max length and head."""
     return tokenize_dataset(
-        Path(data.dataset_dir),
-        Path(model_dir),
-        data.data_hash,
-        config.model.max_length,
-        config.head_name,
-        get_settings().cache_dir,
+        Path(data.dataset_dir), Path(model_dir), data.data_hash, max_length, head, get_settings().cache_dir
     )

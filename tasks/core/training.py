@@ -22,11 +22,17 @@ from typing import Any
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict
 
-from finetune_flows.plugins import HEADS, SCENARIOS
+from finetune_flows.plugins import HEADS
 from finetune_flows.tasks.classification.evaluation import classification_metrics
-from finetune_flows.tasks.core.config import ClassWeighting, FinetuneConfig, Precision, TrainingConfig
-from finetune_flows.tasks.core.ingestion import IngestResult
+from finetune_flows.tasks.core.config import (
+    ClassWeighting,
+    FinetuneConfig,
+    InfrastructureConfig,
+    Precision,
+    TrainingConfig,
+)
 from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
+from finetune_flows.tasks.core.stages import PreparedData
 from finetune_flows.tasks.core.tokenization import TokenizeResult
 from finetune_flows.tasks.core.tracking import RunInfo
 from finetune_flows.tasks.core.training_options import balanced_class_weights, choose_precision, layerwise_optimizer
@@ -66,6 +72,7 @@ class TrainRequest(BaseModel):
     head: str
     id2label: dict[int, str]
     training: TrainingConfig
+    infrastructure: InfrastructureConfig = InfrastructureConfig()
     primary_metric: str
     run: RunInfo
     progress_key: str | None = None
@@ -77,7 +84,7 @@ class TrainRequest(BaseModel):
 
 
 def fine_tune_request(
-    tokens: TokenizeResult, data: IngestResult, model_dir: str, config: FinetuneConfig, run: RunInfo
+    tokens: TokenizeResult, data: PreparedData, model_dir: str, config: FinetuneConfig, run: RunInfo
 ) -> TrainRequest:
     """The training stage's input, built from what the earlier stages returned."""
     return TrainRequest(
@@ -86,7 +93,8 @@ def fine_tune_request(
         head=config.head_name,
         id2label=data.id2label,
         training=config.training,
-        primary_metric=SCENARIOS.get(config.scenario).primary_metric,
+        infrastructure=config.infrastructure,
+        primary_metric=config.primary_metric,
         run=run,
         progress_key=f"{config.scenario}-training-progress",
     )
@@ -108,17 +116,11 @@ def train_model(
     callbacks: list[Any] | None = None,
     report_to_mlflow: bool = False,
 ) -> TrainResult:
-    """Fine-tune the encoder at ``model_dir``; the best checkpoint lands in ``run_dir/model``."""
+    """Fine-tune the encoder at ``model_dir`` with ``head_name``'s model, batches and options; the best (or, for a
+    head that does not evaluate while training, the last) model lands in ``run_dir/model``."""
     import torch
     from datasets import load_from_disk
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
     set_seed(config.seed)
     head = HEADS.get(head_name)
@@ -133,7 +135,10 @@ def train_model(
         metrics = classification_metrics(prediction.label_ids, predicted, probs, list(id2label.values()))
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
-    weights = torch.tensor(balanced_class_weights(train_set["labels"], len(id2label)), dtype=torch.float32)
+    balanced = config.class_weights is ClassWeighting.BALANCED and bool(id2label)
+    weights = torch.tensor(
+        balanced_class_weights(train_set["labels"], len(id2label)) if balanced else [], dtype=torch.float32
+    )
 
     def weighted_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         logits = outputs["logits"]
@@ -141,7 +146,6 @@ def train_model(
             logits.float(), labels, weight=weights.to(logits.device), label_smoothing=config.label_smoothing
         )
 
-    balanced = config.class_weights is ClassWeighting.BALANCED
     if balanced:
         logger.info("class weights: %s", dict(zip(id2label.values(), weights.tolist(), strict=True)))
 
@@ -149,7 +153,7 @@ def train_model(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=world_size > 1)
-    args = TrainingArguments(
+    options: dict[str, Any] = dict(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -180,19 +184,19 @@ def train_model(
         dataloader_num_workers=0,
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,  # CPU DDP
     )
+    args = TrainingArguments(**{**options, **head.trainer_options()})
+    evaluates = args.eval_strategy != "no"
+    stopping = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        eval_dataset=eval_set if evaluates else None,
+        data_collator=head.collator(tokenizer),
         processing_class=tokenizer,
-        compute_metrics=compute_metrics,
+        compute_metrics=compute_metrics if evaluates else None,
         compute_loss_func=weighted_loss if balanced else None,
-        callbacks=[
-            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
-            *(callbacks or []),
-        ],
+        callbacks=[*(stopping if args.load_best_model_at_end else []), *(callbacks or [])],
     )
     if config.layer_lr_decay < 1.0:  # train() builds its own optimizer (fused AdamW) only when none is set
         trainer.optimizer = layerwise_optimizer(trainer, config)
@@ -207,8 +211,9 @@ def train_model(
     last_eval = evaluations[-1] if evaluations else {}
 
     final_dir = run_dir / "model"
-    trainer.save_model(str(final_dir))  # the main process writes it
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero():  # the main process writes the model
+        final_dir.mkdir(parents=True, exist_ok=True)
+        head.save_trained(trainer.model, model_dir, final_dir)
         for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, final_dir / name)

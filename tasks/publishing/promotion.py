@@ -8,9 +8,9 @@ every flow run already talks to (the embedded local server of ``finetune-flows r
 in production the shared Prefect server, so it holds across workers and machines).
 
 Inside the lock the champion is read again: its metric comes from its own version tags when it
-was measured on the same eval set (same ``eval_hash``), else the caller re-scores it. A retrain
-slot's idempotency key is checked inside the same lock, so a duplicate run returns the version
-the first one registered.
+was measured on the same eval set (same ``eval_hash``), else the caller's ``Rescore`` measures it
+there, or says why it cannot (``NotComparable``). The gate's result is a typed ``Outcome``; the
+human message beside it is for tags, logs and artifacts, never parsed.
 """
 
 from __future__ import annotations
@@ -19,18 +19,71 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from finetune_flows.tasks.publishing.registry import (
+    CHALLENGER,
+    CHAMPION,
+    KEY_TAG,
+    PREVIOUS_CHAMPION_TAG,
+    champion_version,
+    registry_step,
+    version_with_key,
+)
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "KEY_TAG",
+    "Candidate",
+    "Champion",
+    "Decision",
+    "NotComparable",
+    "Outcome",
+    "Rescore",
+    "decide",
+    "metric_tag",
+    "promote_locked",
+    "promote_version",
+    "promotion_lock",
+    "read_champion",
+    "version_with_key",
+]
+
 logger = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-KEY_TAG = "idempotency_key"
 LOCK_TIMEOUT_SECONDS = 1800.0
 
-Rescore = Callable[[str], tuple[float | None, str]]
-"""Scores champion version ``v`` on the caller's eval set: (metric or None, note)."""
+
+class Outcome(StrEnum):
+    """What publishing a version decided about ``champion``."""
+
+    PROMOTED_FIRST = "promoted_first"  # there was no champion
+    PROMOTED_BETTER = "promoted_better"  # beat the champion by more than the margin
+    KEPT_NOT_BETTER = "kept_not_better"
+    KEPT_NOT_COMPARABLE = "kept_not_comparable"  # the champion cannot be measured on this eval set
+    ALREADY_CHAMPION = "already_champion"
+    REUSED = "reused"  # an earlier run registered this idempotency key; nothing was decided now
+
+    @property
+    def promoted(self) -> bool:
+        """True when this decision moved ``champion`` to the candidate."""
+        return self in (Outcome.PROMOTED_FIRST, Outcome.PROMOTED_BETTER)
+
+
+class NotComparable(BaseModel):
+    """A rescore's answer when the champion cannot be measured on the candidate's eval set."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: str
+
+
+Rescore = Callable[[str], float | NotComparable]
+"""Measures champion version ``v`` on the caller's eval set: its primary metric, or why it cannot."""
 
 
 class Candidate(BaseModel):
@@ -46,15 +99,33 @@ class Candidate(BaseModel):
     margin: float = 0.0
 
 
+class Champion(BaseModel):
+    """The current champion as the gate sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    metric: float | None
+    """Its primary metric on the candidate's eval set; None when it cannot be measured there."""
+    basis: str
+    """How the metric was obtained, or why it is not comparable."""
+
+
 class Decision(BaseModel):
     """What the promotion gate decided, and on which evidence."""
 
     model_config = ConfigDict(frozen=True)
 
-    promoted: bool
+    outcome: Outcome
     decision: str
+    """The message recorded as tag ``promotion.decision`` (for people; decide on ``outcome``)."""
     champion_version: str | None
     champion_metric: float | None
+
+    @property
+    def promoted(self) -> bool:
+        """True when ``champion`` moved to the candidate."""
+        return self.outcome.promoted
 
 
 def lock_name(model_name: str) -> str:
@@ -78,19 +149,25 @@ def promotion_lock(model_name: str, timeout_seconds: float = LOCK_TIMEOUT_SECOND
         yield
 
 
-def decide(challenger: float, champion: float | None, margin: float, note: str) -> tuple[bool, str]:
-    """Promote when there is no comparable champion metric, or the challenger beats it by more than ``margin``.
+def decide(challenger: float, champion: Champion | None, margin: float) -> tuple[Outcome, str]:
+    """Promote when there is no champion, or the challenger beats its comparable metric by more than ``margin``.
 
     Both metrics are compared at the 6 decimals the version tags record, so a re-read champion
     and a challenger with the same score tie.
     """
     if champion is None:
-        if "not comparable" in note:
-            return False, f"kept champion: {note}"
-        return True, "promoted: no champion yet"
-    if round(challenger, 6) > round(champion, 6) + margin:
-        return True, f"promoted: {challenger:.4f} > champion {champion:.4f} + margin {margin:g}"
-    return False, f"kept champion: {challenger:.4f} <= champion {champion:.4f} + margin {margin:g}"
+        return Outcome.PROMOTED_FIRST, "promoted: no champion yet"
+    if champion.metric is None:
+        return Outcome.KEPT_NOT_COMPARABLE, f"kept champion: v{champion.version} is not comparable ({champion.basis})"
+    if round(challenger, 6) > round(champion.metric, 6) + margin:
+        return (
+            Outcome.PROMOTED_BETTER,
+            f"promoted: {challenger:.4f} > champion {champion.metric:.4f} + margin {margin:g}",
+        )
+    return (
+        Outcome.KEPT_NOT_BETTER,
+        f"kept champion: {challenger:.4f} <= champion {champion.metric:.4f} + margin {margin:g}",
+    )
 
 
 def metric_tag(primary_metric: str) -> str:
@@ -98,45 +175,58 @@ def metric_tag(primary_metric: str) -> str:
     return f"challenger.{primary_metric}"
 
 
-def read_champion(
-    client: Any, candidate: Candidate, rescore: Rescore | None = None
-) -> tuple[str | None, float | None, str]:
-    """(version, metric, note) of the current champion, comparable with ``candidate``'s metric."""
-    from mlflow.exceptions import MlflowException
+def read_champion(client: Any, candidate: Candidate, rescore: Rescore | None = None) -> Champion | None:
+    """The current champion, measured comparably with ``candidate``; None when there is none.
 
-    try:
-        champion = client.get_model_version_by_alias(candidate.model_name, CHAMPION)
-    except MlflowException:
-        return None, None, "no champion yet"
-    version, tags = str(champion.version), dict(champion.tags or {})
+    Registry errors other than "does not exist" raise ``PromotionError``.
+    """
+    name = candidate.model_name
+    version = champion_version(client, name)
+    if version is None:
+        return None
+    with registry_step(name, f"read champion v{version}'s tags"):
+        tags = dict(client.get_model_version(name, version).tags or {})
     recorded = tags.get(metric_tag(candidate.primary_metric))
     if tags.get("eval_hash") == candidate.eval_hash and recorded not in (None, "none"):
-        return version, float(str(recorded)), "recorded on the same eval set"
+        return Champion(version=version, metric=float(str(recorded)), basis="recorded on the same eval set")
     if rescore is None:
-        return version, None, "champion was measured on another eval set and cannot be re-scored; not comparable"
-    metric, note = rescore(version)
-    return version, metric, note
+        return Champion(version=version, metric=None, basis="measured on another eval set; no way to re-score it")
+    with registry_step(name, f"re-score champion v{version}"):
+        scored = rescore(version)
+    if isinstance(scored, NotComparable):
+        return Champion(version=version, metric=None, basis=scored.reason)
+    return Champion(version=version, metric=float(scored), basis="re-scored on the candidate's eval set")
 
 
 def promote_locked(client: Any, candidate: Candidate, rescore: Rescore | None = None) -> Decision:
     """With the lock held: re-read the champion, decide, record the evidence as tags, then move the alias."""
-    champion_version, champion_value, note = read_champion(client, candidate, rescore)
-    if champion_version == candidate.version:
-        return Decision(promoted=False, decision="already champion", champion_version=None, champion_metric=None)
-    promote, decision = decide(candidate.metric, champion_value, candidate.margin, note)
+    name = candidate.model_name
+    champion = read_champion(client, candidate, rescore)
+    if champion is not None and champion.version == candidate.version:
+        return Decision(
+            outcome=Outcome.ALREADY_CHAMPION, decision="already champion", champion_version=None, champion_metric=None
+        )
+    outcome, message = decide(candidate.metric, champion, candidate.margin)
+    champion_metric = None if champion is None else champion.metric
     evidence = {
-        "champion.version": champion_version or "none",
-        f"champion.{candidate.primary_metric}": "none" if champion_value is None else f"{champion_value:.6f}",
+        PREVIOUS_CHAMPION_TAG: "none" if champion is None else champion.version,
+        f"champion.{candidate.primary_metric}": "none" if champion_metric is None else f"{champion_metric:.6f}",
         "promotion.margin": f"{candidate.margin:g}",
-        "promotion.decision": decision,
+        "promotion.decision": message,
+        "promotion.outcome": outcome.value,
     }
-    for key, value in evidence.items():
-        client.set_model_version_tag(candidate.model_name, candidate.version, key, value)
-    if promote:  # last step: everything before it can fail without having moved the champion
-        client.set_registered_model_alias(candidate.model_name, CHAMPION, candidate.version)
-    logger.info("promotion of %s v%s: %s", candidate.model_name, candidate.version, decision)
+    with registry_step(name, f"tag v{candidate.version} with the promotion evidence"):
+        for key, value in evidence.items():
+            client.set_model_version_tag(name, candidate.version, key, value)
+    if outcome.promoted:  # last step: everything before it can fail without having moved the champion
+        with registry_step(name, f"move alias {CHAMPION} to v{candidate.version}"):
+            client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    logger.info("promotion of %s v%s: %s", name, candidate.version, message)
     return Decision(
-        promoted=promote, decision=decision, champion_version=champion_version, champion_metric=champion_value
+        outcome=outcome,
+        decision=message,
+        champion_version=None if champion is None else champion.version,
+        champion_metric=champion_metric,
     )
 
 
@@ -146,15 +236,3 @@ def promote_version(candidate: Candidate, rescore: Rescore | None = None) -> Dec
 
     with promotion_lock(candidate.model_name):
         return promote_locked(mlflow.MlflowClient(), candidate, rescore)
-
-
-def version_with_key(client: Any, model_name: str, key: str) -> Any | None:
-    """The model version tagged ``idempotency_key=key``, or None (call with the lock held to be sure)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name='{model_name}'")
-    except MlflowException:
-        return None
-    matches = sorted((v for v in found if (v.tags or {}).get(KEY_TAG) == key), key=lambda v: int(v.version))
-    return matches[0] if matches else None

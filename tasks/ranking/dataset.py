@@ -15,31 +15,32 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import SCENARIOS, ConfigError
+from finetune_flows.tasks.core.config import RankingConfig
 from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.core.stages import PreparedData, StageContext
 from finetune_flows.tasks.core.tables import file_sha256, records
-from finetune_flows.tasks.ranking.config import RecommenderConfig
 from finetune_flows.tasks.ranking.interactions import read_interactions
 from finetune_flows.tasks.ranking.split import SplitOptions, leave_one_out
 
 logger = logging.getLogger(__name__)
 
-_VERSION = "1"
+_VERSION = "2"
 SPLITS = ("validation", "test")
 PROBLEM_COLUMNS = ("file", "row", "column", "value", "problem")
 
 
-class RankingData(BaseModel):
-    """Where the ranking dataset is and what went into it."""
+class RankingData(PreparedData):
+    """The prepared ranking dataset and what went into it.
 
-    model_config = ConfigDict(frozen=True)
+    Besides the pipeline's ``train.parquet`` (the training pairs as ``query``/``item`` texts) and
+    ``eval.parquet`` (each validation user's profile and target text), the folder holds
+    ``items.parquet``, ``train_interactions.parquet`` (what the baselines learn from),
+    ``pairs.parquet``, ``validation.parquet`` and ``test.parquet`` (each user's candidates).
+    """
 
-    dataset_dir: str
-    data_hash: str
     layout: str
     users: int
     items: int
@@ -48,17 +49,10 @@ class RankingData(BaseModel):
     evaluated_users: int
     skipped_users: int
     problems: int
-    cached: bool = False
 
     def frame(self, name: str) -> pd.DataFrame:
-        """One of items, train, pairs, validation, test."""
+        """One of items, train_interactions, pairs, validation, test (or the pipeline's train, eval)."""
         return pd.read_parquet(Path(self.dataset_dir) / f"{name}.parquet")
-
-    def training_pairs(self) -> pd.DataFrame:
-        """pairs joined with the liked item's text (column item_text)."""
-        texts = self.frame("items").set_index("item")["text"]
-        pairs = self.frame("pairs")
-        return pairs.assign(item_text=pairs["item"].map(texts).to_numpy())
 
 
 def folder_hash(folder: Path) -> str:
@@ -83,8 +77,15 @@ def prepare_folder(folder: Path, options: SplitOptions, max_tags: int, cache_dir
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log.items.to_parquet(tmp / "items.parquet", index=False)
-    split.train.to_parquet(tmp / "train.parquet", index=False)
+    split.train.to_parquet(tmp / "train_interactions.parquet", index=False)
     split.pairs.to_parquet(tmp / "pairs.parquet", index=False)
+    texts = log.items.set_index("item")["text"]
+    pd.DataFrame({"query": split.pairs["profile"], "item": split.pairs["item"].map(texts).to_numpy()}).to_parquet(
+        tmp / "train.parquet", index=False
+    )
+    pd.DataFrame(
+        {"query": split.validation["profile"], "item": split.validation["target"].map(texts).to_numpy()}
+    ).to_parquet(tmp / "eval.parquet", index=False)
     split.validation.to_parquet(tmp / "validation.parquet", index=False)
     split.test.to_parquet(tmp / "test.parquet", index=False)
     split.skipped_users.to_csv(tmp / "skipped_users.csv", index=False)
@@ -94,6 +95,15 @@ def prepare_folder(folder: Path, options: SplitOptions, max_tags: int, cache_dir
     result = RankingData(
         dataset_dir=str(out),
         data_hash=data_hash,
+        eval_hash=f"{data_hash}:{key}",  # the data and the split options
+        train_rows=len(split.pairs),
+        eval_rows=len(split.validation),
+        test_rows=len(split.test),
+        summary=(
+            f"{log.ratings['user'].nunique()} users ({len(split.validation)} evaluated), {len(log.items)} items, "
+            f"{len(log.ratings)} interactions, {len(split.pairs)} training pairs; {len(log.problems)} bad rows and "
+            f"{len(split.skipped_users)} users with too few positives skipped"
+        ),
         layout=log.layout,
         users=int(log.ratings["user"].nunique()),
         items=len(log.items),
@@ -135,15 +145,29 @@ def interaction_folder(path: str | None, scenario: str) -> Path:
         return Path(path).expanduser()
     sample = SCENARIOS.get(scenario).sample()
     if sample is None:
-        raise ConfigError(f"scenario {scenario!r} bundles no sample; set data.path")
+        raise ConfigError(f"scenario {scenario!r} bundles no sample; set data.train_path to an interaction folder")
     return sample.train
 
 
-@task(name="prepare-interactions")
-def prepare_interactions(config: RecommenderConfig) -> RankingData:
-    """Read the interaction folder, report bad rows and skipped users, and build the split."""
-    folder = interaction_folder(config.data.path, config.scenario)
-    data = prepare_folder(folder, config.split_options(), config.data.max_tags, get_settings().cache_dir)
+def split_options(ranking: RankingConfig, seed: int) -> SplitOptions:
+    """The leave-one-out split's options from the config's ranking section."""
+    return SplitOptions(
+        positive_threshold=ranking.positive_threshold,
+        min_positives=ranking.min_positives,
+        negatives=ranking.negatives,
+        profile_items=ranking.profile_items,
+        pairs_per_user=ranking.pairs_per_user,
+        seed=seed,
+    )
+
+
+def prepare_interactions(context: StageContext) -> RankingData:
+    """The recommendation scenario's ``PREPARE`` stage: read the interaction folder (``data.train_path``), report
+    bad rows and skipped users, and build the time-ordered leave-one-out split."""
+    config = context.config
+    folder = interaction_folder(config.data.train_path, config.scenario)
+    options = split_options(config.ranking, config.training.seed)
+    data = prepare_folder(folder, options, config.ranking.max_tags, get_settings().cache_dir)
     problems = pd.read_csv(Path(data.dataset_dir) / "problems.csv", dtype=str, keep_default_na=False)
     skipped = pd.read_csv(Path(data.dataset_dir) / "skipped_users.csv", dtype=str)
     if len(problems) or len(skipped):

@@ -76,7 +76,7 @@ class TextClassifierPyfunc(PythonModel):
         self.scorer = OnnxTextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
         self.topics: Any = None
         if TOPIC_ARTIFACT in context.artifacts:
-            from finetune_flows.tasks.serving.topics import load_topic_assigner
+            from .topics import load_topic_assigner  # pydantic only for models with topics
 
             self.topics = load_topic_assigner(Path(context.artifacts[TOPIC_ARTIFACT]))
 

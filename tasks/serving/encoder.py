@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune_flows.plugins import ConfigError
-
+from .errors import ModelFilesError
 from .text_inputs import load_tokenizer, padded_inputs
 
 DEFAULT_MAX_LENGTH = 128
@@ -26,17 +25,18 @@ class SentenceEncoder:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.onnx_path = Path(onnx_path)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         outputs = {o.name: o for o in self.session.get_outputs()}
         if EMBEDDING_OUTPUT not in outputs:
-            raise ConfigError(
+            raise ModelFilesError(
                 f"{onnx_path} has no output {EMBEDDING_OUTPUT!r} (outputs: {sorted(outputs)}); "
-                "export sentence encoders with tasks.encoder_export.export_sentence_encoder"
+                "export sentence encoders with tasks.export.model_export.export_sentence_encoder"
             )
         width = outputs[EMBEDDING_OUTPUT].shape[-1]
         self.dim = width if isinstance(width, int) else None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.max_length = max_length or int(meta.get("max_length", DEFAULT_MAX_LENGTH))
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.max_length = max_length or int(self.metadata.get("max_length", DEFAULT_MAX_LENGTH))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = load_tokenizer(tokenizer_json_path, self.max_length)
 

@@ -2,7 +2,7 @@
 
 A taxonomy (JSON, see ``plugins/scenarios/data/financial_phrasebank/topics.json``) lists topics,
 each with a one-sentence description and a few example phrases. ``SentenceEncoder`` embeds text
-with an ONNX sentence encoder (exported by ``tasks.export.encoder_export``: mean pooling over the token
+with an ONNX sentence encoder (exported through the bi-encoder head: mean pooling over the token
 embeddings with the attention mask, then L2 normalisation, inside the graph) on onnxruntime and
 the ``tokenizers`` library. ``TopicAssigner`` scores a text against a topic by the highest cosine
 similarity to any of the topic's reference phrases (its description and examples) and answers
@@ -25,13 +25,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from finetune_flows.plugins import ConfigError
-
 from .encoder import SentenceEncoder
+from .errors import ModelFilesError
 
 DEFAULT_TOP_K = 2  # score = mean of the 2 best similarities to a topic's references; see bench/topic_eval.py
-DEFAULT_TAXONOMY = Path(__file__).resolve().parents[2] / "plugins/scenarios/data/financial_phrasebank/topics.json"
-# The files of a topic-assigner folder (made by tasks.export.export_topic_encoder, read by serving).
+# The files of a topic-assigner folder (made by tasks.monitoring.topic_encoder, read by serving).
 ENCODER_FILE, TOKENIZER_FILE, TAXONOMY_FILE = "encoder.onnx", "tokenizer.json", "topics.json"
 
 
@@ -77,20 +75,24 @@ class Taxonomy(BaseModel):
         return [topic.name for topic in self.topics]
 
 
-def load_taxonomy(path: str | Path = DEFAULT_TAXONOMY) -> Taxonomy:
-    """Read and validate a taxonomy JSON file; every problem is reported at once, with the file."""
+def load_taxonomy(path: str | Path) -> Taxonomy:
+    """Read and validate a taxonomy JSON file; every problem is reported at once, with the file.
+
+    Raises ``ModelFilesError``; ``tasks.monitoring.taxonomy.load_taxonomy`` is the same check raising
+    ``ConfigError``, for finetune-flows code that validates a user's taxonomy.
+    """
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"taxonomy file {path} does not exist") from None
+        raise ModelFilesError(f"taxonomy file {path} does not exist") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"taxonomy file {path} is not valid UTF-8 JSON: {exc}") from exc
+        raise ModelFilesError(f"taxonomy file {path} is not valid UTF-8 JSON: {exc}") from exc
     try:
         return Taxonomy.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(_describe(err, raw) for err in exc.errors())
-        raise ConfigError(f"taxonomy file {path} is invalid: {problems}") from exc
+        raise ModelFilesError(f"taxonomy file {path} is invalid: {problems}") from exc
 
 
 def _describe(err: ErrorDetails, raw: object) -> str:
@@ -120,7 +122,7 @@ class TopicAssigner:
 
     def __init__(self, encoder: SentenceEncoder, taxonomy: Taxonomy, top_k: int = DEFAULT_TOP_K) -> None:
         if top_k < 1:
-            raise ConfigError(f"top_k must be at least 1, got {top_k}")
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.encoder = encoder
         self.taxonomy = taxonomy
         self.top_k = top_k
@@ -165,6 +167,8 @@ def load_topic_assigner(folder: Path) -> TopicAssigner:
     """The assigner saved in ``folder``: ``encoder.onnx``, ``tokenizer.json`` and ``topics.json``."""
     missing = [name for name in (ENCODER_FILE, TOKENIZER_FILE, TAXONOMY_FILE) if not (folder / name).is_file()]
     if missing:
-        raise ConfigError(f"topic assigner folder {folder} lacks {missing}; it is made by export_topic_encoder")
+        raise ModelFilesError(
+            f"topic assigner folder {folder} lacks {missing}; it is made by tasks.monitoring.topic_encoder"
+        )
     encoder = SentenceEncoder(folder / ENCODER_FILE, folder / TOKENIZER_FILE)
     return TopicAssigner(encoder, load_taxonomy(folder / TAXONOMY_FILE))
