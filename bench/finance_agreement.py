@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]  # tasks/ and plugins/, and monitor_bench next to this file
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # monitor_bench next to this file (finetune_flows: the install)
 
 from monitor_bench import test_split  # noqa: E402
 

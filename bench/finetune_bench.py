@@ -3,13 +3,13 @@
 One run measures, on the same seeded sample of SST-2 rows, the same all-MiniLM-L6-v2 classifier, the
 same batch size and (except bf16) the same number of optimizer steps:
 
-  ours            tasks.training.train_model itself (dynamic padding, group_by_length, adamw_torch_fused,
+  ours            tasks.core.training.train_model itself (dynamic padding, group_by_length, adamw_torch_fused,
                   precision auto -> fp32 on CPUs without native bf16)
   pad128          run_glue style: padding="max_length" to 128, random sampler, Trainer's default optim, fp32
   dynamic-gbl     DataCollatorWithPadding + group_by_length, fp32, optim="adamw_torch" (not fused)
   bf16-gbl-fused  Trainer's "best CPU setup": bf16=True + group_by_length + adamw_torch_fused (capped steps)
 
-plus tokenization (tasks.tokenization.tokenize_dataset, first run vs cached run).
+plus tokenization (tasks.core.tokenization.tokenize_dataset, first run vs cached run); modules of finetune_flows.
 
 Every training configuration runs in its own freshly spawned process, so its peak RSS is its own.
 Throughput is timed from Trainer's on_train_begin to the end of the last optimizer step (a callback),
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere: make tasks/ and plugins/ importable
+if str(REPO) not in sys.path:  # run as a script from anywhere (finetune_flows itself comes from the install)
     sys.path.insert(0, str(REPO))
 
 DEFAULT_TRAIN_FILE = REPO.parent / "shared" / "datasets" / "sst2" / "train.tsv"

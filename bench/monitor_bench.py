@@ -4,14 +4,14 @@ One run scores the same texts, the held-back FinBERT-protocol test split of scen
 ``finance-monitoring`` (built exactly as the ``finetune`` flow builds it), with
 
   pytorch     AutoModelForSequenceClassification, fp32, torch.inference_mode, HF fast tokenizer
-  onnx-fp32   the exported graph through tasks.serving.OnnxTextClassifier (what ``monitor`` runs)
+  onnx-fp32   the exported graph through tasks.serving.classifier.OnnxTextClassifier (what ``monitor`` runs)
   onnx-int8   the same graph dynamically quantised (onnxruntime quantize_dynamic, QInt8 weights),
               through the same scorer
 
 all in batches of --batch-size texts sorted by length (the scorer's own order), tokenization
 included in the timing, the three interleaved pass by pass so that load on the machine hits them
 alike. Each is also scored against the gold labels (accuracy, macro-F1 via
-tasks.evaluation.classification_metrics).
+tasks.classification.evaluation.classification_metrics; modules of finetune_flows).
 
     .venv/bin/python bench/monitor_bench.py --model-dir CHECKPOINT [--onnx CHECKPOINT.onnx]
     .venv/bin/python bench/monitor_bench.py --model-uri models:/finance-monitoring@champion
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere: make tasks/ and plugins/ importable
+if str(REPO) not in sys.path:  # run as a script from anywhere (finetune_flows itself comes from the install)
     sys.path.insert(0, str(REPO))
 
 SCENARIO = "finance-monitoring"

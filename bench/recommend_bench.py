@@ -4,12 +4,12 @@ Scorers, all on the same (profile, item) pairs from the leave-one-out validation
 --batch-size pairs, tokenization included, interleaved pass by pass (median of --passes):
 
   bi-encoder-onnx   the registered pyfunc's path: the exported encoder on onnxruntime embeds the
-                    profile and the item of each pair (tasks.pair_serving.PairScorerPyfunc)
+                    profile and the item of each pair (tasks.serving.pair_scorer.PairScorerPyfunc)
   bi-encoder-torch  the same encoder in PyTorch (fp32, inference_mode), mean pooling
   cross-encoder     a BERT cross-encoder over "profile [SEP] item" (the encoder with a fresh
                     1-logit head, PyTorch fp32): the cost a re-ranker would add per pair
 
-Then ``recommend`` (tasks.recommending.recommend_for) for every user over every item, as the
+Then ``recommend`` (tasks.ranking.recommending.recommend_for) for every user over every item, as the
 flow runs it: items embedded once, profiles embedded, one matrix product, rated items excluded.
 
     .venv/bin/python bench/recommend_bench.py [--data FOLDER] [--model-uri models:/recommendation@champion]
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere: make tasks/ and plugins/ importable
+if str(REPO) not in sys.path:  # run as a script from anywhere (finetune_flows itself comes from the install)
     sys.path.insert(0, str(REPO))
 
 DEFAULT_OUT = REPO / "bench" / "results" / "recommend_bench.json"

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make tasks/ and plugins/ importable
+if str(ROOT) not in sys.path:  # run as a script from anywhere (finetune_flows itself comes from the install)
     sys.path.insert(0, str(ROOT))
 
 SCENARIO = "finance-monitoring"
@@ -197,7 +197,7 @@ license, non-commercial use only. Sentences are unchanged (including the origina
 
 Only the FinBERT-protocol **test** split that the `finetune` flow holds back for scenario
 `finance-monitoring`: stratified 20 % test, then 20 % of the rest as validation, seed {split_seed}, built by
-`tasks.ingestion.ingest_files` exactly as the flow does ({test_rows} test sentences). A model trained by
+`tasks.core.ingestion.ingest_files` exactly as the flow does ({test_rows} test sentences). A model trained by
 the flow on the bundled sample has never seen, early-stopped on, or been promoted on any of them.
 
 ## Files
