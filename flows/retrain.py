@@ -3,7 +3,7 @@
 One run trains on every labelled file in ``data_folder`` (concatenated), starting from
 ``models:/<name>@champion`` (the version pinned when the run starts), scores the challenger and
 the champion on the same frozen eval file, and moves ``champion`` only when the challenger is
-better by more than the margin; the evidence is recorded as version tags (see tasks/promotion.py).
+better by more than the margin; the evidence is recorded as version tags (see tasks/publishing/promotion.py).
 
 A run is idempotent per schedule slot: its key is the slot (the flow run's scheduled start time,
 or ``slot``) plus the hashes of the data and the eval file. A version already tagged with the key

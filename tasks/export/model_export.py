@@ -100,7 +100,7 @@ def export_model(
             mlflow.set_tag("onnx_parity", "failed")
         raise
     with mlflow.start_run(run_id=run.run_id):
-        mlflow.log_metric("onnx_max_abs_logit_diff", result.max_abs_diff)
+        mlflow.log_metric("onnx_max_abs_diff", result.max_abs_diff)
         mlflow.set_tag("onnx_parity", "passed")
     return result
 

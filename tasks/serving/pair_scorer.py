@@ -1,6 +1,6 @@
 """Serving a bi-encoder: an MLflow pyfunc that scores (query, item) text pairs on onnxruntime.
 
-The registered version carries the exported sentence encoder (``encoder.onnx``), its
+The registered version carries the exported sentence encoder (the run's ``onnx/model.onnx``), its
 tokenizer.json, the Hugging Face checkpoint (for warm starts) and the ranking table of its run.
 A pair's score is the scaled cosine the head was trained with: ``score_scale`` (from the graph's
 metadata, written by the bi-encoder head's export) times the dot product of the two unit-length
