@@ -17,7 +17,7 @@ from finetune_flows.flows.train import run_training, train_stage
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.evaluating import eval_request, evaluate_model
 from finetune_flows.tasks.core.failures import stage_failed
-from finetune_flows.tasks.core.ingestion import ingest_data, prepare_data
+from finetune_flows.tasks.core.ingestion import IngestResult, ingest_data, prepare_data
 from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
 from finetune_flows.tasks.core.model_source import fetch_model
 from finetune_flows.tasks.core.stages import StageContext, run_before_register
@@ -31,6 +31,13 @@ STAGES = (
     start_run, ingest_data, fetch_model, tokenize_data, train_stage, fine_tune, hand_off_training,
     export_model, evaluate_model, register_version,
 )  # fmt: skip
+
+
+EVAL_NOTES = {
+    "eval": "eval figures are optimistic: the same split chose the checkpoint (data.select_fraction holds it out)",
+    "select": "eval is held out: the select split chose the checkpoint",
+    None: "eval is held out: training kept its last model",
+}
 
 
 class FinetuneSummary(BaseModel):
@@ -54,6 +61,12 @@ class FinetuneSummary(BaseModel):
     """Markdown reports of the scenario's extra stages (e.g. the ranking table against baselines)."""
     reused_version: bool = False
     """True when the version was registered by an earlier run with the same idempotency key."""
+    splits: str = ""
+    """Which rows trained, selected the checkpoint, evaluated and tested, and where each came from."""
+    checkpoint_split: str | None = None
+    """The split that chose the checkpoint and stopped training early ("select", "eval"); None: the last one."""
+    eval_note: str = ""
+    """Whether the eval figures are held out or optimistic (the eval split also chose the checkpoint)."""
 
 
 @flow(name="finetune", log_prints=False)
@@ -101,4 +114,7 @@ def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
         train_seconds=trained.train_seconds,
         reports=[extra.report for extra in extras if extra.report],
         reused_version=registered.reused,
+        splits=data.splits if isinstance(data, IngestResult) else data.summary,
+        checkpoint_split=trained.checkpoint_split,
+        eval_note=EVAL_NOTES[trained.checkpoint_split],
     )

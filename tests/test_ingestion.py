@@ -14,7 +14,8 @@ import pytest
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.plugins.specs import DataLayout, Scenario, ScenarioBase
-from finetune_flows.tasks.core.ingestion import IngestOptions, IngestResult, ingest_files, stratified_split
+from finetune_flows.tasks.core.ingestion import IngestOptions, IngestResult, ingest_files
+from finetune_flows.tasks.core.splits import stratified_split
 from finetune_flows.tasks.core.tables import clean_rows, read_table, resolve_columns
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 

@@ -2,6 +2,8 @@
 
     finetune-flows plugins
     finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
+    finetune-flows run [<scenario>] --help          (every config field: type, default, bounds)
+    finetune-flows gc [--yes]
     finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
     finetune-flows up | down | status
 
@@ -18,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from finetune_flows.flows.cli.settings_help import RunHelp
 
 logger = logging.getLogger("finetune_flows.flows.cli.main")
 
@@ -67,6 +71,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
     out.write(f"promotion        : {summary.decision}\n")
     out.write(f"data             : {summary.data_summary}\n")
+    if summary.splits and summary.splits != summary.data_summary:
+        out.write(f"splits           : {summary.splits}\n")
+    if summary.eval_note:
+        out.write(f"eval figures     : {summary.eval_note}\n")
     for key, value in summary.metrics.items():
         label = f"test {key.removeprefix('test_')}" if key.startswith("test_") else f"eval {key}"
         out.write(f"{label:<17}: {value:.4f}\n")
@@ -78,6 +86,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for report in summary.reports:
         out.write("\n" + Path(report).read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from finetune_flows.tasks.core.housekeeping import free_run_folders, human_size, survey_run_folders
+    from finetune_flows.tasks.core.settings import get_settings
+
+    settings = get_settings()
+    folders = survey_run_folders(settings.runs_dir, settings.tracking_uri, min_age_s=args.min_age_hours * 3600)
+    out = sys.stdout
+    for folder in folders:
+        why = folder.keep_reason or (
+            f"run {folder.run_id} {folder.status}, no model version" if folder.run_id else "no MLflow run names it"
+        )
+        out.write(
+            f"{'keep' if folder.keep_reason else 'free'}  {human_size(folder.size):>9}  {folder.path.name}  {why}\n"
+        )
+    unused = [folder for folder in folders if folder.reclaimable]
+    total = sum(folder.size for folder in unused)
+    if args.yes:
+        freed = free_run_folders(unused)
+        out.write(
+            f"freed {human_size(freed)} from {len(unused)} of {len(folders)} run folders in {settings.runs_dir}\n"
+        )
+    else:
+        out.write(
+            f"{len(unused)} of {len(folders)} run folders in {settings.runs_dir} are used by no model version: "
+            f"{human_size(total)}{'; `finetune-flows gc --yes` frees them' if unused else ''}\n"
+        )
     return 0
 
 
@@ -184,7 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-flows", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("plugins", help="list heads and scenarios").set_defaults(func=cmd_plugins)
-    run = commands.add_parser("run", help="fine-tune, evaluate, export and register a model")
+    run = commands.add_parser(
+        "run",
+        help="fine-tune, evaluate, export and register a model",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "-h", "--help", action=RunHelp, help="show this help and every config field (with <scenario>: its defaults)"
+    )
     run.add_argument("scenario", help="scenario name (see `finetune-flows plugins`)")
     run.add_argument("--data", nargs="+", metavar="FILE", help="training file, optionally followed by an eval file")
     run.add_argument(
@@ -206,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("up", help=f"start {services}; register the deployments").set_defaults(func=cmd_up)
     commands.add_parser("down", help=f"stop {services} that `up` started").set_defaults(func=cmd_down)
     commands.add_parser("status", help="what `up` started: pids, URLs, health").set_defaults(func=cmd_status)
+    gc = commands.add_parser("gc", help="report (with --yes: free) run folders no model version refers to")
+    gc.add_argument("--yes", action="store_true", help="delete them (default: only report)")
+    gc.add_argument(
+        "--min-age-hours",
+        type=float,
+        default=6.0,
+        help="keep a folder with anything written in the last N hours (it may be a run in progress); default 6",
+    )
+    gc.set_defaults(func=cmd_gc)
     return parser
 
 

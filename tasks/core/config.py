@@ -1,202 +1,69 @@
-"""The typed parameter model of the ``finetune`` flow; Prefect renders it as the run form.
+"""The typed parameter models of the ``finetune`` and ``retrain`` flows; Prefect renders them as the run forms.
 
-One frozen model with shallow sub-models (data, model, training, evaluation, registration,
-export); every field is described and bounded, plugin names are checked against the registry.
-``FinetuneConfig.for_scenario`` starts from a scenario's defaults and applies ``key=value``
-overrides such as ``training.epochs=2``.
+One frozen model with shallow sections (data, model, training, infrastructure, evaluation, registration,
+export, ranking; see ``tasks.core.sections``); plugin names are checked against the registry; fields left
+out take the scenario's defaults. ``FinetuneConfig.for_scenario`` applies ``key=value`` overrides such as
+``training.epochs=2`` (``tasks.core.overrides``). ``RetrainConfig`` is the fine-tune model plus the data
+folder and the schedule slot.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from finetune_flows.plugins import HEADS, SCENARIOS, ConfigError
+from finetune_flows.tasks.core.overrides import (
+    format_label_map,
+    known_scenario,
+    label_map_problem,
+    parse_label_map,
+    parse_overrides,
+    scenario_defaults,
+    set_dotted,
+    validated,
+)
+from finetune_flows.tasks.core.sections import (
+    MINILM,
+    ClassWeighting,
+    DataConfig,
+    EvaluationConfig,
+    ExportConfig,
+    InfrastructureConfig,
+    KeepCheckpoints,
+    ModelConfig,
+    Precision,
+    RankingConfig,
+    RegistrationConfig,
+    TrainingConfig,
+    _Frozen,
+)
 
-MINILM = "minilm"
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Precision(StrEnum):
-    """Numeric precision of the training step."""
-
-    AUTO = "auto"
-    BF16 = "bf16"
-    FP32 = "fp32"
-
-
-class ClassWeighting(StrEnum):
-    """How classes are weighted in the training loss."""
-
-    NONE = "none"
-    BALANCED = "balanced"
-
-
-class DataConfig(_Frozen):
-    """Which files to train and evaluate on, and how to read them."""
-
-    train_path: str | None = Field(
-        default=None,
-        description="Training file (CSV, TSV, JSONL, Parquet; .gz too). Empty: the bundled sample.",
-    )
-    eval_path: str | None = Field(
-        default=None, description="Evaluation file. Empty: a stratified, seeded split of the training file."
-    )
-    text_column: str | None = Field(
-        default=None, description="Text column. Empty: the first of the scenario's known layouts that fits."
-    )
-    label_column: str | None = Field(default=None, description="Label column. Empty: as the layout says.")
-    eval_fraction: float = Field(
-        default=0.1, gt=0.0, lt=0.5, description="Share of training rows held out for eval when no eval file is given."
-    )
-    test_path: str | None = Field(
-        default=None, description="Test file, reported only (never used for early stopping or promotion)."
-    )
-    test_fraction: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=0.5,
-        description="Share of training rows held out as a test split when no test file is given; 0: none.",
-    )
-    max_train_rows: int | None = Field(
-        default=None, ge=10, le=10_000_000, description="Use only this many training rows (seeded sample)."
-    )
-
-
-class ModelConfig(_Frozen):
-    """Where the pretrained encoder comes from."""
-
-    source: str = Field(
-        default=MINILM,
-        min_length=1,
-        max_length=500,
-        description=(
-            "'minilm' (the offline all-MiniLM-L6-v2), a local folder, a hub id such as "
-            "'org/name', or a registered model 'models:/<name>@<alias>' to warm-start from."
-        ),
-    )
-    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text (longer are truncated).")
-
-
-class TrainingConfig(_Frozen):
-    """The optimisation: HF Trainer with dynamic padding, length grouping and AdamW."""
-
-    epochs: float = Field(default=1.0, gt=0.0, le=100.0, description="Passes over the training data.")
-    max_steps: int = Field(default=-1, ge=-1, le=10_000_000, description="Stop after this many steps; -1: no cap.")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Training examples per step.")
-    learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
-    warmup_ratio: float = Field(default=0.06, ge=0.0, lt=1.0, description="Share of steps of linear warmup.")
-    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
-    layer_lr_decay: float = Field(
-        default=1.0,
-        ge=0.1,
-        le=1.0,
-        description=(
-            "Layer-wise learning-rate decay: each encoder layer further from the output trains at this factor of the "
-            "one above (embeddings least); 1: one rate for all."
-        ),
-    )
-    label_smoothing: float = Field(
-        default=0.0, ge=0.0, lt=1.0, description="Share of each target spread over the other classes (0: none)."
-    )
-    eval_every_steps: int = Field(
-        default=200, ge=1, le=1_000_000, description="Evaluate (and checkpoint) every N steps."
-    )
-    early_stopping_patience: int = Field(
-        default=3, ge=1, le=100, description="Stop after N evaluations without improvement of the metric."
-    )
-    precision: Precision = Field(
-        default=Precision.AUTO, description="auto: bf16 autocast where the hardware runs it fast, else fp32."
-    )
-    class_weights: ClassWeighting = Field(
-        default=ClassWeighting.NONE,
-        description="balanced: weight each class's loss by n_rows / (n_classes * n_rows_of_class).",
-    )
-    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")
-
-
-class InfrastructureConfig(_Frozen):
-    """Where and how the training stage runs: in this flow run, across processes, or on another work pool."""
-
-    processes: int = Field(
-        default=1,
-        ge=1,
-        le=64,
-        description="Training processes (one per device) launched with torchrun; 1: train in the stage's own process.",
-    )
-    train_on: str | None = Field(
-        default=None,
-        max_length=300,
-        pattern=r"^[^/]+/[^/]+$",
-        description=(
-            "Run the training stage as deployment '<flow>/<deployment>' (e.g. 'train/sentiment-train' on the gpu "
-            "pool) and wait for it; empty: train in this flow run."
-        ),
-    )
-    start_timeout_s: int = Field(
-        default=900,
-        ge=1,
-        le=7 * 24 * 3600,
-        description=(
-            "With train_on: when no worker has picked up the handed-off run after this many seconds, cancel it "
-            "and fail (a pool without a worker would otherwise keep this run waiting forever)."
-        ),
-    )
-
-
-class RankingConfig(_Frozen):
-    """How an interaction log becomes a ranking task, and the baselines it is compared with (ranking heads only)."""
-
-    positive_threshold: float = Field(default=4.0, ge=-1e9, le=1e9, description="Ratings at or above are positives.")
-    min_positives: int = Field(default=3, ge=3, le=1000, description="Positives a user needs to be evaluated.")
-    negatives: int = Field(default=99, ge=1, le=10_000, description="Never-rated items ranked against each target.")
-    profile_items: int = Field(default=10, ge=1, le=200, description="Recent positives written into a profile.")
-    pairs_per_user: int = Field(default=8, ge=1, le=10_000, description="Training pairs per user (most recent).")
-    max_tags: int = Field(default=5, ge=0, le=50, description="Most frequent tags added to an item's text.")
-    mf_factors: int = Field(default=32, ge=2, le=1024, description="BPR matrix-factorisation factors (baseline).")
-    mf_epochs: int = Field(default=40, ge=1, le=1000, description="BPR epochs over the training positives (baseline).")
-
-
-class EvaluationConfig(_Frozen):
-    """How the final model is measured."""
-
-    calibration_bins: int = Field(default=15, ge=2, le=100, description="Bins of the expected calibration error.")
-    batch_size: int = Field(default=128, ge=1, le=4096, description="Texts per evaluation batch.")
-
-
-class RegistrationConfig(_Frozen):
-    """Where the model goes in MLflow and when it becomes champion."""
-
-    model_name: str | None = Field(
-        default=None, max_length=200, description="Registered model name. Empty: the scenario's name."
-    )
-    experiment: str | None = Field(
-        default=None, max_length=200, description="MLflow experiment. Empty: 'finetune-<scenario>'."
-    )
-    promotion_margin: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1.0,
-        description="The challenger becomes champion when its metric beats the champion's by more than this.",
-    )
-    idempotency_key: str | None = Field(
-        default=None,
-        max_length=500,
-        description="If a version already carries this key (tag idempotency_key), it is returned instead of a new one.",
-    )
-
-
-class ExportConfig(_Frozen):
-    """ONNX export and its parity gate."""
-
-    parity_samples: int = Field(default=256, ge=256, le=100_000, description="Eval texts in the parity check.")
-    tolerance: float = Field(default=1e-4, gt=0.0, le=1e-2, description="Largest allowed |logit difference|.")
-    opset: int = Field(default=18, ge=14, le=23, description="ONNX opset version.")
+__all__ = [
+    "MINILM",
+    "ClassWeighting",
+    "DataConfig",
+    "EvaluationConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "InfrastructureConfig",
+    "KeepCheckpoints",
+    "ModelConfig",
+    "Precision",
+    "RankingConfig",
+    "RegistrationConfig",
+    "RetrainConfig",
+    "TrainingConfig",
+    "format_label_map",
+    "known_scenario",
+    "label_map_problem",
+    "parse_label_map",
+    "parse_overrides",
+    "scenario_defaults",
+    "set_dotted",
+    "validated",
+]
 
 
 class FinetuneConfig(_Frozen):
@@ -244,7 +111,11 @@ class FinetuneConfig(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _scenario_defaults(cls, data: Any) -> Any:
-        """Fields left out take the scenario's defaults (a deployment or API call may give only a few)."""
+        """Fields left out take the scenario's defaults (a deployment or API call may give only a few).
+
+        The preset test split is the exception: with an eval or test file given, the user chose their
+        held-out data, so ``data.test_fraction`` takes the preset only when they set it themselves.
+        """
         if not isinstance(data, dict):
             return data
         scenario = data.get("scenario", "sentiment")
@@ -254,8 +125,18 @@ class FinetuneConfig(_Frozen):
         for section, defaults in scenario_defaults(scenario).items():
             given = merged.get(section, {})
             if isinstance(given, dict):
+                if section == "data" and (given.get("eval_path") or given.get("test_path")):
+                    defaults = {**defaults, "test_fraction": 0.0}
                 merged[section] = {**defaults, **given}
         return merged
+
+    @model_validator(mode="after")
+    def _label_map_targets(self) -> Self:
+        if self.data.label_map:
+            problem = label_map_problem(parse_label_map(self.data.label_map), self.scenario)
+            if problem:
+                raise ValueError(f"data.label_map: {problem}")
+        return self
 
     @classmethod
     def for_scenario(cls, scenario: str, overrides: dict[str, Any] | None = None) -> Self:
@@ -294,66 +175,3 @@ class RetrainConfig(FinetuneConfig):
         if self.data.train_path:
             raise ValueError("data.train_path: retraining trains on data_folder; leave data.train_path empty")
         return self
-
-
-def known_scenario(value: str) -> str:
-    """``value`` if a scenario plugin has that name; a ValueError listing the registered ones otherwise."""
-    if value not in SCENARIOS.names():
-        raise ValueError(f"unknown scenario {value!r}; registered scenarios: {SCENARIOS.names()}")
-    return value
-
-
-def scenario_defaults(scenario: str) -> dict[str, dict[str, Any]]:
-    """A scenario's recommended values, by config section."""
-    d = SCENARIOS.get(scenario).defaults
-    return {
-        "model": {"source": d.model, "max_length": d.max_length},
-        "data": {"eval_fraction": d.eval_fraction, "test_fraction": d.test_fraction},
-        "training": {
-            "epochs": d.epochs,
-            "batch_size": d.batch_size,
-            "learning_rate": d.learning_rate,
-            "warmup_ratio": d.warmup_ratio,
-            "weight_decay": d.weight_decay,
-            "layer_lr_decay": d.layer_lr_decay,
-            "label_smoothing": d.label_smoothing,
-            "eval_every_steps": d.eval_every_steps,
-            "early_stopping_patience": d.early_stopping_patience,
-        },
-    }
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validated(model: type[M], values: dict[str, Any]) -> M:
-    """``model`` built from ``values``; every problem reported at once as a ``ConfigError``."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
-
-
-def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = values
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["training.epochs=2", "data.eval_path=x.tsv"]`` -> a dict; values stay strings (pydantic converts)."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        overrides[key.strip()] = None if value.strip().lower() in {"", "none", "null"} else value.strip()
-    return overrides

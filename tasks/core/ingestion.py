@@ -1,13 +1,16 @@
 """Stage 1, ingest: labelled text files -> a validated dataset on disk with a content hash.
 
 Files are read by ``tasks.core.tables`` (strict UTF-8; errors name file, row, column and value).
-Exact duplicates leave the training set; a test split (optional) and an eval split are held out
+Raw labels go through ``data.label_map`` first, then the scenario's own label names. Exact
+duplicates leave the training set; a test split (optional) and an eval split are held out
 stratified and seeded when no file is given for them (test first, then eval from the rest, as
-in the FinBERT protocol); held-out texts that also occur in training are removed; labels get a
-sorted, deterministic id mapping. The output folder is keyed by the inputs' content and format,
-so a second run with the same inputs reuses it.
+in the FinBERT protocol), then an optional selection split from what is left; held-out texts that
+also occur in training are removed; labels get a sorted, deterministic id mapping. The output
+folder is keyed by the inputs' content and format and the label map, so a second run with the same
+inputs reuses it.
 
-Splits: ``train`` (fitting), ``eval`` (early stopping, model selection, promotion) and ``test``
+Splits: ``train`` (fitting), ``select`` (optional: checkpoint choice and early stopping, so eval
+stays held out), ``eval`` (checkpoint choice when there is no select split, promotion) and ``test``
 (reported only, never used to choose anything).
 """
 
@@ -18,7 +21,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -26,15 +28,22 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.plugins.specs import Scenario
-from finetune_flows.tasks.core.config import DataConfig, FinetuneConfig
+from finetune_flows.tasks.core.config import (
+    DataConfig,
+    FinetuneConfig,
+    format_label_map,
+    label_map_problem,
+    parse_label_map,
+)
 from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.core.splits import describe_splits, frame_hash, stratified_split
 from finetune_flows.tasks.core.stages import PreparedData, StageContext, prepare_with_stage
-from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_table, resolve_columns
-from finetune_flows.tasks.core.tracking import RunInfo
+from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_label_map, read_table, resolve_columns
+from finetune_flows.tasks.core.tracking import RunInfo, tag_run
 
 logger = logging.getLogger(__name__)
 
-_INGEST_VERSION = "1"
+_INGEST_VERSION = "2"
 
 
 class IngestOptions(BaseModel):
@@ -46,8 +55,11 @@ class IngestOptions(BaseModel):
     label_column: str | None = None
     eval_fraction: float = 0.1
     test_fraction: float = 0.0
+    select_fraction: float = 0.0
     max_train_rows: int | None = None
     seed: int = 42
+    label_map: dict[str, str] | None = None
+    """Raw label value -> the scenario's label name, applied before the scenario's own names."""
 
 
 class IngestResult(PreparedData):
@@ -60,42 +72,53 @@ class IngestResult(PreparedData):
     text_column: str
     label_column: str
     train_file: str
+    """The training file read, as an absolute, resolved path."""
     eval_file: str | None
+    test_file: str | None = None
+    train_sha256: str = ""
+    eval_sha256: str | None = None
+    test_sha256: str | None = None
+    select_rows: int = 0
+    """Rows of the selection split (carved from train; chooses the checkpoint); 0: none."""
+    label_map: str | None = None
+    """The label map applied, in its canonical text form."""
+    splits: str = ""
+    """Which rows train, select, evaluate and test, and where each came from."""
+
+    def provenance(self) -> dict[str, str]:
+        """Run and version tags naming the files read (absolute paths, sha256) and the label map."""
+        tags = {"data.train_file": self.train_file, "data.train_sha256": self.train_sha256}
+        for split, file, sha in (
+            ("eval", self.eval_file, self.eval_sha256),
+            ("test", self.test_file, self.test_sha256),
+        ):
+            if file and sha:
+                tags.update({f"data.{split}_file": file, f"data.{split}_sha256": sha})
+        if self.label_map:
+            tags["data.label_map"] = self.label_map
+        return tags
 
 
-def stratified_split(labels: pd.Series, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of (kept, held out): each class gives ``fraction`` of its rows (at least one), seeded."""
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
-    held: list[int] = []
-    for label in sorted(labels.unique()):
-        positions = np.flatnonzero(labels.to_numpy() == label)
-        rng.shuffle(positions)
-        n_held = max(round(len(positions) * fraction), 1) if len(positions) > 1 else 0
-        held.extend(positions[:n_held])
-        keep.extend(positions[n_held:])
-    return np.sort(np.array(keep, dtype=int)), np.sort(np.array(held, dtype=int))
-
-
-def _frame_hash(frame: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    for text, label in zip(frame["text"], frame["label"], strict=True):
-        digest.update(text.encode("utf-8") + b"\x1f" + label.encode("utf-8") + b"\x1e")
-    return digest.hexdigest()
-
-
-def _file_key(path: Path | None) -> str:
+def _file_key(path: Path | None, sha: str | None) -> str:
     """Format and content of an input file (the same bytes as .csv and as .tsv are different data)."""
     if path is None:
         return "-"
-    return "".join(path.suffixes).lower() + ":" + (file_sha256(path) if path.is_file() else str(path))
+    return "".join(path.suffixes).lower() + ":" + (sha or str(path))
+
+
+def _sha(path: Path | None) -> str | None:
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
+def _absolute(path: Path | None) -> str | None:
+    return str(path.expanduser().resolve()) if path is not None else None
 
 
 def _read_labelled(path: Path, scenario: Scenario, options: IngestOptions) -> tuple[pd.DataFrame, str, str]:
     """Validated rows of ``path`` and its (text, label) column names."""
     frame = read_table(path, scenario)
     text_col, label_col = resolve_columns(frame, path, scenario, options)
-    return clean_rows(frame, path, text_col, label_col, scenario), text_col, label_col
+    return clean_rows(frame, path, text_col, label_col, scenario, options.label_map), text_col, label_col
 
 
 def ingest_files(
@@ -107,22 +130,24 @@ def ingest_files(
     test_file: Path | None = None,
 ) -> IngestResult:
     """Validate, deduplicate, split and save; reuse an earlier output for identical inputs."""
+    shas = {"train": _sha(train_file), "eval": _sha(eval_file), "test": _sha(test_file)}
     key_parts = [
         _INGEST_VERSION,
-        _file_key(train_file),
-        _file_key(eval_file),
-        _file_key(test_file),
+        _file_key(train_file, shas["train"]),
+        _file_key(eval_file, shas["eval"]),
+        _file_key(test_file, shas["test"]),
         scenario.name,
         json.dumps(scenario.label_names, sort_keys=True),
         options.model_dump_json(),
     ]
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
     out = cache_dir / "ingest" / key
+    files = {"train_file": _absolute(train_file), "eval_file": _absolute(eval_file), "test_file": _absolute(test_file)}
     if (out / "meta.json").is_file():
         result = IngestResult.model_validate_json((out / "meta.json").read_text()).model_copy(
-            update={"cached": True, "train_file": str(train_file), "eval_file": str(eval_file) if eval_file else None}
+            update={"cached": True, **files}
         )
-        logger.info("ingest: reusing cached dataset %s (data hash %s)", out, result.data_hash[:12])
+        logger.info("ingest: reusing cached dataset %s (data hash %s; %s)", out, result.data_hash[:12], result.splits)
         return result
 
     train, text_col, label_col = _read_labelled(train_file, scenario, options)
@@ -132,17 +157,21 @@ def ingest_files(
 
     # Held-out splits: from their own file, else stratified out of the training rows (test first).
     held: dict[str, tuple[pd.DataFrame, Path, str]] = {}
+    sources = {"train": train_file.name}
     for split, file, fraction in (
         ("test", test_file, options.test_fraction),
         ("eval", eval_file, options.eval_fraction),
+        ("select", None, options.select_fraction),
     ):
         if file is not None:
             part, _, part_label = _read_labelled(file, scenario, options)
             held[split] = (part, file, part_label)
+            sources[split] = file.name
         elif fraction > 0:
             keep, out_pos = stratified_split(train["label"], fraction, options.seed)
             held[split] = (train.iloc[out_pos], train_file, label_col)
             train = train.iloc[keep]
+            sources[split] = f"{fraction:.0%} of {'train' if split == 'select' else train_file.name}, stratified"
 
     if options.max_train_rows is not None and len(train) > options.max_train_rows:
         train = train.sample(n=options.max_train_rows, random_state=options.seed).sort_index()
@@ -182,11 +211,14 @@ def ingest_files(
             out / f"{name}.parquet", index=False
         )
     test = parts.get("test")
+    rows = {split: len(part) for split, part in parts.items()}
+    splits = describe_splits(rows, sources)
+    select_text = f"{rows['select']} select / " if rows.get("select") else ""
     result = IngestResult(
         dataset_dir=str(out),
-        data_hash=_frame_hash(pd.concat(list(parts.values()))),
-        eval_hash=_frame_hash(parts["eval"]),
-        test_hash=_frame_hash(test) if test is not None else None,
+        data_hash=frame_hash(pd.concat(list(parts.values()))),
+        eval_hash=frame_hash(parts["eval"]),
+        test_hash=frame_hash(test) if test is not None else None,
         labels=classes,
         train_rows=len(train),
         eval_rows=len(parts["eval"]),
@@ -196,20 +228,27 @@ def ingest_files(
         eval_is_split=eval_file is None,
         text_column=text_col,
         label_column=label_col,
-        train_file=str(train_file),
-        eval_file=str(eval_file) if eval_file else None,
+        train_sha256=shas["train"] or "",
+        eval_sha256=shas["eval"],
+        test_sha256=shas["test"],
+        select_rows=rows.get("select", 0),
+        label_map=format_label_map(options.label_map) if options.label_map else None,
+        splits=splits,
         summary=(
-            f"{len(train)} train / {len(parts['eval'])} eval / {len(test) if test is not None else 0} test rows, "
-            f"labels {', '.join(classes)}"
+            f"{len(train)} train / {select_text}{len(parts['eval'])} eval / "
+            f"{len(test) if test is not None else 0} test rows, labels {', '.join(classes)}"
         ),
+        **files,
     )
     (out / "meta.json").write_text(result.model_dump_json(indent=2))
     logger.info(
-        "ingest: %d train / %d eval / %d test rows, labels %s, %d duplicates removed, "
+        "ingest: %d train / %d select / %d eval / %d test rows (%s), labels %s, %d duplicates removed, "
         "%d held-out texts also in train removed",
         result.train_rows,
+        result.select_rows,
         result.eval_rows,
         result.test_rows,
+        splits,
         classes,
         duplicates,
         result.eval_overlap_removed,
@@ -228,26 +267,47 @@ def data_files(data: DataConfig, scenario: Scenario) -> tuple[Path, Path | None,
     return sample.train, Path(data.eval_path) if data.eval_path else sample.eval, test
 
 
+def label_map_of(data: DataConfig, scenario_name: str) -> dict[str, str] | None:
+    """The configured label map (text or file form), its targets checked against the scenario's labels."""
+    if data.label_map:
+        return parse_label_map(data.label_map)  # the config checked its targets
+    if not data.label_map_path:
+        return None
+    path = Path(data.label_map_path)
+    pairs = read_label_map(path)
+    problem = label_map_problem(pairs, scenario_name)
+    if problem:
+        raise DataError(f"data.label_map_path: {problem}", file=path)
+    return pairs
+
+
+def ingest_options(data: DataConfig, scenario_name: str, seed: int) -> IngestOptions:
+    """The ingest options of a run's data section (label map read and checked)."""
+    return IngestOptions(
+        text_column=data.text_column,
+        label_column=data.label_column,
+        eval_fraction=data.eval_fraction,
+        test_fraction=data.test_fraction,
+        select_fraction=data.select_fraction,
+        max_train_rows=data.max_train_rows,
+        seed=seed,
+        label_map=label_map_of(data, scenario_name),
+    )
+
+
 @task(name="ingest")
 def ingest_data(scenario_name: str, data: DataConfig, seed: int) -> IngestResult:
     """Validate and split the labelled files into a content-hashed dataset (reused when unchanged)."""
     scenario = SCENARIOS.get(scenario_name)
     train_file, eval_file, test_file = data_files(data, scenario)
-    options = IngestOptions(
-        text_column=data.text_column,
-        label_column=data.label_column,
-        eval_fraction=data.eval_fraction,
-        test_fraction=data.test_fraction,
-        max_train_rows=data.max_train_rows,
-        seed=seed,
-    )
+    options = ingest_options(data, scenario_name, seed)
     result = ingest_files(train_file, eval_file, scenario, options, get_settings().cache_dir, test_file)
     create_markdown_artifact(
         key=f"{scenario_name}-ingest",
         description="Ingested dataset",
         markdown=(
-            f"**{result.train_rows}** train / **{result.eval_rows}** eval / **{result.test_rows}** test rows "
-            f"from `{train_file}`{' (eval split from train)' if result.eval_is_split else f' and `{eval_file}`'}; "
+            f"**{result.train_rows}** train / **{result.select_rows}** select / **{result.eval_rows}** eval / "
+            f"**{result.test_rows}** test rows: {result.splits}; "
             f"labels {', '.join(result.labels)}; {result.duplicates_removed} duplicates removed; "
             f"{result.eval_overlap_removed} held-out texts also in train removed; data hash "
             f"`{result.data_hash[:12]}`{'; reused from cache' if result.cached else ''}."
@@ -257,6 +317,12 @@ def ingest_data(scenario_name: str, data: DataConfig, seed: int) -> IngestResult
 
 
 def prepare_data(config: FinetuneConfig, run: RunInfo) -> PreparedData:
-    """The scenario's own ``PREPARE`` stage where it declares one, else the generic labelled-text ingest."""
+    """The scenario's own ``PREPARE`` stage where it declares one, else the generic labelled-text ingest (whose
+    files, hashes and label map are tagged on the run)."""
     prepared = prepare_with_stage(StageContext(config=config, run=run))
-    return prepared if prepared is not None else ingest_data(config.scenario, config.data, config.training.seed)
+    if prepared is not None:
+        return prepared
+    result = ingest_data(config.scenario, config.data, config.training.seed)
+    if isinstance(result, IngestResult):  # (narrows Prefect's task return type for mypy)
+        tag_run(run, result.provenance())
+    return result

@@ -21,7 +21,8 @@ from typing import cast
 from prefect import task
 from prefect.client.schemas.objects import FlowRun
 
-from finetune_flows.tasks.core.training import TrainRequest, TrainResult, prefect_progress_callback, train_tracked
+from finetune_flows.tasks.core.progress import prefect_progress_callback
+from finetune_flows.tasks.core.training import TrainRequest, TrainResult, train_tracked
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ again (``find_slot_version``), and the key is checked again inside the promotion
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from datetime import UTC
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.tasks.core.config import FinetuneConfig, RetrainConfig, validated
+from finetune_flows.tasks.core.ingestion import label_map_of
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_table, resolve_columns
 from finetune_flows.tasks.publishing.registry import champion_version, version_with_key
@@ -85,7 +87,8 @@ def data_files(folder: Path) -> list[Path]:
 
 def concatenate(files: list[Path], config: RetrainConfig, out_dir: Path) -> Path:
     """One Parquet file (text, label) of every row of ``files``; named by their content hash, so it is reused."""
-    digest = hashlib.sha256()
+    label_map = label_map_of(config.data, config.scenario)
+    digest = hashlib.sha256(json.dumps(label_map, sort_keys=True).encode())
     for path in files:
         digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
     target = out_dir / f"{digest.hexdigest()[:32]}.parquet"
@@ -96,7 +99,7 @@ def concatenate(files: list[Path], config: RetrainConfig, out_dir: Path) -> Path
     for path in files:
         frame = read_table(path, scenario)
         text_col, label_col = resolve_columns(frame, path, scenario, config.data)
-        parts.append(clean_rows(frame, path, text_col, label_col, scenario)[["text", "label"]])
+        parts.append(clean_rows(frame, path, text_col, label_col, scenario, label_map)[["text", "label"]])
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     pd.concat(parts, ignore_index=True).to_parquet(partial, index=False)

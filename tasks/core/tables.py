@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -112,10 +113,21 @@ def resolve_columns(frame: pd.DataFrame, path: Path, scenario: Scenario, options
     return wanted[0], wanted[1]
 
 
-def clean_rows(frame: pd.DataFrame, path: Path, text_col: str, label_col: str, scenario: Scenario) -> pd.DataFrame:
-    """Validate every row; return columns ``text`` and ``label`` (the label's name)."""
+def clean_rows(
+    frame: pd.DataFrame,
+    path: Path,
+    text_col: str,
+    label_col: str,
+    scenario: Scenario,
+    label_map: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """Validate every row; return columns ``text`` and ``label`` (the label's name).
+
+    ``label_map`` (raw value -> label name) is applied first; a raw value it does not list must be
+    a label the scenario knows."""
     if frame.empty:
         raise DataError("no data rows: the file has a header only", file=path)
+    label_map = label_map or {}
     texts = frame[text_col].astype(str)
     labels = frame[label_col].astype(str).str.strip()
     for row, (text, label) in enumerate(zip(texts, labels, strict=True), start=1):
@@ -123,17 +135,53 @@ def clean_rows(frame: pd.DataFrame, path: Path, text_col: str, label_col: str, s
             raise DataError("empty text", file=path, row=row, column=text_col, value=text)
         if not label:
             raise DataError("empty label", file=path, row=row, column=label_col, value=label)
-        if scenario.label_names and label not in scenario.label_names:
+        if scenario.label_names and label not in scenario.label_names and label not in label_map:
+            mapped = f"; data.label_map maps {sorted(label_map)}" if label_map else ""
             raise DataError(
-                f"unknown label for scenario {scenario.name!r}; known: {sorted(set(scenario.label_names))}",
+                f"unknown label for scenario {scenario.name!r}; known: {sorted(set(scenario.label_names))}{mapped}",
                 file=path,
                 row=row,
                 column=label_col,
                 value=label,
+                hint="Map it to one of the scenario's labels with data.label_map (e.g. '0:negative')",
             )
-    if scenario.label_names:
+    if label_map:
+        names = {**scenario.label_names, **label_map}
+        labels = labels.map(lambda raw: names.get(raw, raw))
+    elif scenario.label_names:
         labels = labels.map(scenario.label_names)
     return pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)})
+
+
+def read_label_map(path: Path) -> dict[str, str]:
+    """A label map file: a JSON object ``{raw: label}`` or a CSV with a header and two columns (raw, label)."""
+    if not path.is_file():
+        raise DataError("label map file not found", file=path)
+    text = decode_utf8(path, path.read_bytes())
+    if path.suffix.lower() == ".json":
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg}", file=path, line=exc.lineno) from exc
+        if not isinstance(loaded, dict) or not all(isinstance(v, str | int) for v in loaded.values()):
+            raise DataError("expected a JSON object of raw label -> label name", file=path, value=loaded)
+        pairs = {str(k).strip(): str(v).strip() for k, v in loaded.items()}
+    else:
+        try:
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise DataError(f"cannot parse: {exc}", file=path) from exc
+        if frame.shape[1] != 2:
+            raise DataError(f"expected 2 columns (raw, label), found {list(frame.columns)}", file=path)
+        pairs = {}
+        for row, (raw, name) in enumerate(frame.itertuples(index=False, name=None), start=1):
+            raw, name = str(raw).strip(), str(name).strip()
+            if not raw or not name or pairs.get(raw, name) != name:
+                raise DataError("empty or repeated raw label", file=path, row=row, value=f"{raw},{name}")
+            pairs[raw] = name
+    if not pairs:
+        raise DataError("the label map is empty", file=path)
+    return pairs
 
 
 def records(frame: pd.DataFrame) -> list[dict[str, Any]]:

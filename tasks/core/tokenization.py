@@ -38,15 +38,22 @@ class TokenizeResult(BaseModel):
     train_rows: int
     eval_rows: int
     truncation_rate: float
+    select_rows: int = 0
+    """Rows of the selection split (tokenized to ``select/`` when the dataset has one)."""
     cached: bool = False
 
 
 def tokenize_dataset(
     dataset_dir: Path, model_dir: Path, data_hash: str, max_length: int, head: str, cache_dir: Path
 ) -> TokenizeResult:
-    """Tokenize train and eval of ``dataset_dir`` with the tokenizer in ``model_dir``; ``head`` builds the features."""
+    """Tokenize train and eval (and select, when there is one) of ``dataset_dir`` with the tokenizer in
+    ``model_dir``; ``head`` builds the features."""
     vocab = tokenizer_hash(model_dir)
-    key = hashlib.sha256(f"{_TOKENIZE_VERSION}|{data_hash}|{vocab}|{max_length}|{head}".encode()).hexdigest()[:20]
+    splits = ("train", "eval", "select") if (dataset_dir / "select.parquet").is_file() else ("train", "eval")
+    with_select = "|select" if "select" in splits else ""
+    key = hashlib.sha256(
+        f"{_TOKENIZE_VERSION}|{data_hash}|{vocab}|{max_length}|{head}{with_select}".encode()
+    ).hexdigest()[:20]
     out = cache_dir / "tokenized" / key
     if (out / "meta.json").is_file():
         result = TokenizeResult.model_validate_json((out / "meta.json").read_text())
@@ -69,7 +76,7 @@ def tokenize_dataset(
     truncated = 0
     total = 0
     counts = {}
-    for split in ("train", "eval"):
+    for split in splits:
         source = Dataset.from_parquet(str(dataset_dir / f"{split}.parquet"))
         tokenized = source.map(encode, batched=True, batch_size=1000, remove_columns=source.column_names)
         if "truncated" in tokenized.column_names:
@@ -86,6 +93,7 @@ def tokenize_dataset(
         max_length=max_length,
         train_rows=counts["train"],
         eval_rows=counts["eval"],
+        select_rows=counts.get("select", 0),
         truncation_rate=truncated / max(total, 1),
     )
     (out / "meta.json").write_text(json.dumps(result.model_dump(), indent=2))

@@ -90,6 +90,15 @@ def open_run(config: RunConfig, tracking_uri: str, artifact_root: str, runs_dir:
     return RunInfo(run_dir=str(run_dir), run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
 
 
+def tag_run(run: RunInfo, tags: dict[str, str]) -> None:
+    """Add ``tags`` to the run's MLflow run (e.g. the absolute paths and hashes of the files it read)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    if tags:
+        MlflowClient(tracking_uri=run.tracking_uri).log_batch(run.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 @task(name="start-run")
 def start_run(config: RunConfig) -> RunInfo:
     """Open the MLflow run and the run folder that the later stages write to."""

@@ -5,7 +5,9 @@ pipeline's own process, as a flow on another work pool (``flows/train.py``), or 
 processes with torchrun (``training.processes``; DDP, gloo on CPU). ``python -m tasks.training
 request.json`` is the entry point each torchrun process runs.
 
-Early stopping on the scenario's metric, checkpoints in the run folder (never overwritten),
+Early stopping on the scenario's metric, measured on the dataset's ``select`` split when it has one
+(so eval stays held out), else on ``eval``; checkpoints in the run folder (never overwritten; once
+training succeeded only those ``training.keep_checkpoints`` names stay),
 bf16 autocast only where the hardware runs it fast, metrics streamed to the active MLflow run
 by Trainer's own MLflow callback, and extra callbacks (the Prefect progress artifact) passed in.
 """
@@ -19,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import HEADS
@@ -28,9 +29,11 @@ from finetune_flows.tasks.core.config import (
     ClassWeighting,
     FinetuneConfig,
     InfrastructureConfig,
+    KeepCheckpoints,
     Precision,
     TrainingConfig,
 )
+from finetune_flows.tasks.core.housekeeping import prune_checkpoints
 from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
 from finetune_flows.tasks.core.stages import PreparedData
 from finetune_flows.tasks.core.tokenization import TokenizeResult
@@ -60,6 +63,8 @@ class TrainResult(BaseModel):
     """Processes that trained together (DDP); 1 without torchrun."""
     weights_checksum: float = 0.0
     """Sum of all final weights (float64): equal across the ranks of one DDP run, and across runs that agree."""
+    checkpoint_split: str | None = "eval"
+    """The split that chose the checkpoint and stopped training early ("select" or "eval"); None: the last one."""
 
 
 class TrainRequest(BaseModel):
@@ -100,6 +105,15 @@ def fine_tune_request(
     )
 
 
+def checkpoint_split(head_name: str, has_select: bool) -> str | None:
+    """Which split chooses ``head_name``'s checkpoint (and stops training early): "select" when the dataset has a
+    selection split, else "eval"; None for a head that does not evaluate while training (the last model is kept)."""
+    options = HEADS.get(head_name).trainer_options()
+    if options.get("eval_strategy", "steps") == "no" or not options.get("load_best_model_at_end", True):
+        return None
+    return "select" if has_select else "eval"
+
+
 def weights_checksum(model: Any) -> float:
     """Sum of all parameters in float64: a cheap fingerprint to compare two trainings' weights."""
     return float(sum(float(p.detach().double().sum()) for p in model.parameters()))
@@ -127,7 +141,8 @@ def train_model(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     model = head.build_model(str(model_dir), id2label)
     train_set = load_from_disk(str(tokenized_dir / "train"))
-    eval_set = load_from_disk(str(tokenized_dir / "eval"))
+    chooser = checkpoint_split(head_name, (tokenized_dir / "select").is_dir())
+    eval_set = load_from_disk(str(tokenized_dir / (chooser or "eval")))
     precision = choose_precision(config.precision)
 
     def compute_metrics(prediction: Any) -> dict[str, float]:
@@ -172,7 +187,7 @@ def train_model(
         eval_steps=config.eval_every_steps,
         save_strategy="steps",
         save_steps=config.eval_every_steps,
-        save_total_limit=2,
+        save_total_limit=None if config.keep_checkpoints is KeepCheckpoints.ALL else 2,
         save_only_model=True,
         load_best_model_at_end=True,
         metric_for_best_model=primary_metric,
@@ -201,9 +216,10 @@ def train_model(
     if config.layer_lr_decay < 1.0:  # train() builds its own optimizer (fused AdamW) only when none is set
         trainer.optimizer = layerwise_optimizer(trainer, config)
     logger.info(
-        "training %s on %d examples (%s, batch %d, lr %g, layer decay %g, label smoothing %g)",
-        head_name, len(train_set), precision.value, config.batch_size, config.learning_rate,
+        "training %s on %d examples (%s, batch %d, lr %g, layer decay %g, label smoothing %g); checkpoint chosen "
+        "on %s", head_name, len(train_set), precision.value, config.batch_size, config.learning_rate,
         config.layer_lr_decay, config.label_smoothing,
+        f"{chooser} ({len(eval_set)} rows)" if chooser and evaluates else "nothing (the last is kept)",
     )  # fmt: skip
     output = trainer.train()
     # The evaluate stage scores the final model in full; here keep the last in-training evaluation.
@@ -217,6 +233,9 @@ def train_model(
         for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, final_dir / name)
+        removed = prune_checkpoints(checkpoints, trainer.state.best_model_checkpoint, config.keep_checkpoints)
+        if removed:
+            logger.info("removed %d checkpoints (keep_checkpoints=%s)", len(removed), config.keep_checkpoints.value)
     return TrainResult(
         model_dir=str(final_dir),
         precision=precision.value,
@@ -228,32 +247,8 @@ def train_model(
         eval_metrics={k: float(v) for k, v in last_eval.items() if isinstance(v, int | float)},
         world_size=args.world_size,
         weights_checksum=weights_checksum(model),
+        checkpoint_split=chooser if evaluates and args.load_best_model_at_end else None,
     )
-
-
-def prefect_progress_callback(key: str) -> Any:
-    """A Trainer callback that keeps a Prefect progress artifact at the share of steps done."""
-    from transformers import TrainerCallback
-
-    class PrefectProgress(TrainerCallback):
-        def __init__(self) -> None:
-            self.artifact_id: Any = None
-            self.last = -1.0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.artifact_id = create_progress_artifact(progress=0.0, key=key, description="Fine-tuning progress")
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            done = round(100.0 * state.global_step / max(state.max_steps, 1), 1)
-            if self.artifact_id is not None and done - self.last >= 1.0:
-                update_progress_artifact(self.artifact_id, progress=done)
-                self.last = done
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.artifact_id is not None:
-                update_progress_artifact(self.artifact_id, progress=100.0)
-
-    return PrefectProgress()
 
 
 def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> TrainResult:

@@ -20,10 +20,12 @@ from prefect.artifacts import create_markdown_artifact
 from finetune_flows.plugins import HEADS, PluginError
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.evaluating import EvalResult, eval_request, evaluator_for
+from finetune_flows.tasks.core.ingestion import IngestResult
 from finetune_flows.tasks.core.model_source import HF_SUBDIR
 from finetune_flows.tasks.core.stages import PreparedData, StageOutput
 from finetune_flows.tasks.core.tokenization import TokenizeResult
 from finetune_flows.tasks.core.tracking import RunInfo
+from finetune_flows.tasks.core.training import checkpoint_split
 from finetune_flows.tasks.export.onnx_graph import ExportResult
 from finetune_flows.tasks.publishing.promotion import NotComparable
 from finetune_flows.tasks.publishing.registration import (
@@ -63,8 +65,10 @@ def version_tags(
     exported: ExportResult,
     extras: list[StageOutput],
 ) -> dict[str, str]:
-    """What a version records about itself: data identity, parity, headline metrics, the scenario stages' tags."""
+    """What a version records about itself: data identity (files read, their sha256, the label map), which split
+    chose the checkpoint, parity, headline metrics, the scenario stages' tags."""
     test = evaluation.test_metrics or {}
+    chooser = checkpoint_split(config.head_name, tokens.select_rows > 0)
     return {
         "scenario": config.scenario,
         "head": config.head_name,
@@ -73,6 +77,8 @@ def version_tags(
         "tokenizer_hash": tokens.tokenizer_hash,
         "onnx_max_abs_diff": f"{exported.max_abs_diff:.3g}",
         "model_source": config.model.source,
+        **(data.provenance() if isinstance(data, IngestResult) else {}),
+        **({} if chooser is None else {"eval.selected_checkpoint": str(chooser == "eval").lower()}),
         **{f"eval.{k}": f"{evaluation.metrics[k]:.4f}" for k in evaluation.headline if k in evaluation.metrics},
         **{f"test.{k}": f"{test[k]:.4f}" for k in evaluation.headline if k in test},
         **{k: v for extra in extras for k, v in extra.tags.items()},
