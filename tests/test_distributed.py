@@ -15,6 +15,7 @@ from finetune_flows.plugins import SCENARIOS
 from finetune_flows.tasks.core.config import InfrastructureConfig, TrainingConfig
 from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 from finetune_flows.tasks.core.launching import launch_distributed
+from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tokenization import tokenize_dataset
 from finetune_flows.tasks.core.tracking import RunInfo
 from finetune_flows.tasks.core.training import TrainRequest
@@ -26,9 +27,9 @@ def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_
     tokens = tokenize_dataset(
         Path(data.dataset_dir), tiny_model_dir, data.data_hash, 32, "sequence-classification", tmp_path / "cache"
     )
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = get_settings().tracking_uri  # the stage reads the store's URI from the environment
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id="0") as run:  # the default experiment, whatever an earlier test set active
         pass
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -44,7 +45,7 @@ def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_
             run_dir=str(run_dir),
             run_id=run.info.run_id,
             experiment_id=run.info.experiment_id,
-            tracking_uri=tracking_uri,
+            tracking_uri_redacted=tracking_uri,
         ),
     )
 

@@ -265,15 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from finetune_flows.plugins import FinetuneFlowsError
+    from finetune_flows.tasks.core.secrets import install_log_redaction, redact
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()  # no URI credentials in any log line (finetune_flows.tasks.core.secrets)
     for noisy in ("httpx", "httpcore", "urllib3", "alembic", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except FinetuneFlowsError as exc:
-        sys.stderr.write(f"finetune-flows: error: {exc}\n")
+        sys.stderr.write(redact(f"finetune-flows: error: {exc}\n"))
         return 2
 
 

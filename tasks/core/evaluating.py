@@ -116,7 +116,7 @@ def evaluate_model(request: EvalRequest, run: RunInfo) -> EvalResult:
     import mlflow
 
     result = evaluator_for(request.head).evaluate(request)
-    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_tracking_uri(run.tracking_uri())
     with mlflow.start_run(run_id=run.run_id):
         mlflow.log_metrics({f"final_{k}": v for k, v in result.metrics.items()})
         if result.test_metrics:

@@ -2,7 +2,8 @@
 
 Flows end in ``stage_failed(exc, STAGES)``: a Prefect ``Failed`` state whose message names the
 innermost stage on the traceback (or the one an inner flow or a scenario stage recorded on the
-exception), carrying the exception itself so a caller of the flow function gets it raised.
+exception), carrying the exception itself so a caller of the flow function gets it raised. The
+message (stored by Prefect, shown in its UI) has any URI credentials in it redacted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 from prefect import Flow, Task
 from prefect.states import Failed
+
+from finetune_flows.tasks.core.secrets import redact
 
 STAGE_ATTRIBUTE = "finetune_flows_stage"
 
@@ -30,7 +33,7 @@ def failing_stage(exc: BaseException, stages: Iterable[Task[..., Any] | Flow[...
 
 
 def stage_failed(exc: Exception, stages: Iterable[Task[..., Any] | Flow[..., Any]]) -> Any:
-    """A Failed state whose message names the stage and the cause, carrying ``exc`` itself.
+    """A Failed state whose message names the stage and the cause (credentials redacted), carrying ``exc`` itself.
 
     A flow that returns it ends in that state (the message shows in the UI), and a caller of the
     flow function gets ``exc`` raised, type and message unchanged.
@@ -39,4 +42,4 @@ def stage_failed(exc: Exception, stages: Iterable[Task[..., Any] | Flow[..., Any
     if stage:
         setattr(exc, STAGE_ATTRIBUTE, stage)  # an enclosing flow reports the same stage
     where = f"stage {stage} failed" if stage else "failed"
-    return Failed(message=f"{where}: {type(exc).__name__}: {exc}", data=exc)
+    return Failed(message=redact(f"{where}: {type(exc).__name__}: {exc}"), data=exc)

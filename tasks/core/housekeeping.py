@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_flows.tasks.core.config import KeepCheckpoints
+from finetune_flows.tasks.core.secrets import guard
 
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 LIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
@@ -119,7 +120,7 @@ def survey_run_folders(runs_dir: Path, tracking_uri: str, min_age_s: float = 6 *
 
     if not runs_dir.is_dir():
         return []
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=guard(tracking_uri))
     runs = tracked_runs(client)
     versions = versions_by_run(client)
     folders = []

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.tasks.core.config import FinetuneConfig, RetrainConfig, validated
 from finetune_flows.tasks.core.ingestion import label_map_of
+from finetune_flows.tasks.core.secrets import guard
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_table, resolve_columns
 from finetune_flows.tasks.publishing.registry import champion_version, version_with_key
@@ -131,7 +132,7 @@ def plan_retrain(config: RetrainConfig) -> RetrainPlan:
     content = hashlib.sha256(f"{train_file.stem}|{file_sha256(eval_file)}".encode()).hexdigest()[:16]
     key = f"retrain|{config.model_name}|{slot}|{content}"
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_tracking_uri(guard(settings.tracking_uri))
     champion = champion_version(mlflow.MlflowClient(), config.model_name)  # a registry error is raised, not "none"
     if champion is not None:
         warm_start = f"models:/{config.model_name}/{champion}"
@@ -159,7 +160,7 @@ def find_slot_version(plan: RetrainPlan) -> FinetuneOutcome | None:
     """The version an earlier run registered for this slot and data, if any (so this run trains nothing)."""
     import mlflow
 
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
     client = mlflow.MlflowClient()
     found = version_with_key(client, plan.finetune.model_name, plan.key)
     if found is None:

@@ -5,6 +5,7 @@ as the groups of the run form.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Self
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from finetune_flows.tasks.core.overrides import format_label_map, parse_label_map
 
 MINILM = "minilm"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class _Frozen(BaseModel):
@@ -224,7 +226,9 @@ class RegistrationConfig(_Frozen):
     """Where the model goes in MLflow and when it becomes champion."""
 
     model_name: str | None = Field(
-        default=None, max_length=200, description="Registered model name. Empty: the scenario's name."
+        default=None,
+        max_length=200,
+        description="Registered model name: letters, digits, '-', '_' and '.' (no '..'). Empty: the scenario's name.",
     )
     experiment: str | None = Field(
         default=None, max_length=200, description="MLflow experiment. Empty: 'finetune-<scenario>'."
@@ -240,6 +244,17 @@ class RegistrationConfig(_Frozen):
         max_length=500,
         description="If a version already carries this key (tag idempotency_key), it is returned instead of a new one.",
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_safe_name(cls, value: str | None) -> str | None:
+        """A name MLflow's registry and its artifact paths take as one plain segment (checked before anything runs)."""
+        if value and (not MODEL_NAME.fullmatch(value) or ".." in value):
+            raise ValueError(
+                "a registered model name may hold only letters, digits, '-', '_' and '.', start with a letter or "
+                f"digit, and not contain '..'; got {value!r}"
+            )
+        return value
 
 
 class ExportConfig(_Frozen):

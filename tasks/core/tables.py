@@ -11,6 +11,8 @@ import gzip
 import hashlib
 import io
 import json
+import re
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +23,10 @@ import pandas as pd
 from finetune_flows.plugins import DataError
 from finetune_flows.plugins.readers import decode_utf8
 from finetune_flows.plugins.specs import Scenario
+
+# C0 control characters except tab, newline and carriage return: never part of a real text (NUL often marks a
+# binary or UTF-16 file), so an error rather than a silent clean-up.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 class ColumnChoice(Protocol):
@@ -53,24 +59,31 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
     kind = suffixes[-2] if compressed and len(suffixes) > 1 else suffixes[-1] if suffixes else ""
     raw = path.read_bytes()
     if compressed:
-        raw = gzip.decompress(raw)
+        raw = _gunzip(path, raw)
     if not raw.strip():
         raise DataError("file is empty", file=path, hint="Give a file with a header and data rows")
     if kind == ".parquet":
-        frame = pd.read_parquet(io.BytesIO(raw))
+        frame = _read_parquet(path, raw)
         return frame.astype({c: "string" for c in frame.columns}).fillna("")
     text = decode_utf8(path, raw)
     try:
         if kind == ".tsv":  # GLUE-style TSV: quotes are ordinary characters
+            header = next((line for line in text.splitlines() if line.strip()), "")
+            _unique_columns(path, header.split("\t"))
             return pd.read_csv(io.StringIO(text), sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
         if kind in {".csv", ".txt"}:
+            _unique_columns(path, next((row for row in csv.reader(io.StringIO(text, newline="")) if row), []))
             return pd.read_csv(io.StringIO(text), sep=",", dtype=str, keep_default_na=False)
         if kind in {".jsonl", ".ndjson", ".json"}:
             rows = []
             for number, line in enumerate(text.splitlines(), start=1):
                 if line.strip():
                     try:
-                        record = json.loads(line)
+                        record = json.loads(line, object_pairs_hook=_one_value_per_key)
+                    except _RepeatedKey as exc:
+                        raise DataError(
+                            "duplicate key in a JSON object", file=path, line=number, column=exc.key, value=line
+                        ) from exc
                     except json.JSONDecodeError as exc:
                         raise DataError(f"invalid JSON: {exc.msg}", file=path, line=number, value=line) from exc
                     if not isinstance(record, dict):
@@ -78,7 +91,7 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
                     rows.append(record)
             # object dtype keeps 1 as "1" (not "1.0") when a key is missing; null/missing -> "".
             return pd.DataFrame(rows, dtype=object).fillna("").astype(str)
-    except pd.errors.ParserError as exc:
+    except (pd.errors.ParserError, csv.Error) as exc:
         raise DataError(f"cannot parse: {exc}", file=path) from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError("file is empty", file=path) from exc
@@ -87,6 +100,66 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
         file=path,
         hint="Use .csv, .tsv, .jsonl or .parquet (optionally .gz)",
     )
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _one_value_per_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a JSON object that repeats a key is an error (json keeps the last value silently)."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
+
+
+def _unique_columns(path: Path, header: list[str]) -> None:
+    """A header that names a column twice is an error (pandas would silently rename the second to ``name.1``).
+
+    Empty names (trailing commas of a spreadsheet export) become distinct ``Unnamed: n`` columns and are allowed."""
+    seen: set[str] = set()
+    for name in header:
+        if name in seen and name.strip():
+            raise DataError(
+                f"duplicate column name {name!r} in the header {header}",
+                file=path,
+                column=name,
+                hint="Give every column a different name",
+            )
+        seen.add(name)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _gunzip(path: Path, raw: bytes) -> bytes:
+    """The decompressed bytes of a ``.gz`` file; a file that is not (complete) gzip is a ``DataError``."""
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(
+            f"not a valid gzip file ({_one_line(exc)})", file=path, hint="Compress it with gzip, or drop the .gz suffix"
+        ) from exc
+
+
+def _read_parquet(path: Path, raw: bytes) -> pd.DataFrame:
+    """A Parquet file as a frame; an unreadable file or a repeated column name is a ``DataError``."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        _unique_columns(path, list(pq.read_schema(io.BytesIO(raw)).names))
+        return pd.read_parquet(io.BytesIO(raw))
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot read as Parquet ({_one_line(exc)})", file=path, hint="Check that it is a Parquet file"
+        ) from exc
 
 
 def resolve_columns(frame: pd.DataFrame, path: Path, scenario: Scenario, options: ColumnChoice) -> tuple[str, str]:
@@ -130,6 +203,21 @@ def clean_rows(
     label_map = label_map or {}
     texts = frame[text_col].astype(str)
     labels = frame[label_col].astype(str).str.strip()
+    for column, values in ((text_col, texts), (label_col, labels)):
+        control = values.str.contains(CONTROL_CHARACTERS, regex=True)
+        if control.any():
+            row = int(control.to_numpy().argmax()) + 1
+            value = values.iloc[row - 1]
+            found = CONTROL_CHARACTERS.search(value)
+            where = f"{found.group()!r} at position {found.start()}" if found else ""
+            raise DataError(
+                f"control character {where}",
+                file=path,
+                row=row,
+                column=column,
+                value=value,
+                hint="Remove NUL and other control characters (tab, newline and carriage return are allowed)",
+            )
     for row, (text, label) in enumerate(zip(texts, labels, strict=True), start=1):
         if not text.strip():
             raise DataError("empty text", file=path, row=row, column=text_col, value=text)

@@ -2,6 +2,11 @@
 
 Every stage of one flow run logs to the same MLflow run, re-opened by id; the run folder holds
 checkpoints, the exported graph and reports.
+
+``RunInfo`` travels as a Prefect parameter (stored in Prefect's database, shown in its UI), so it
+holds the tracking URI only redacted (``tracking_uri_redacted``); a stage reaches the store with
+``run.tracking_uri()`` (``tracking_uri_for``), the URI of its own environment, checked against the run's (see
+``finetune_flows.tasks.core.secrets``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from finetune_flows.plugins.errors import ConfigError
+from finetune_flows.tasks.core.secrets import guard, redact
 from finetune_flows.tasks.core.settings import get_settings
 
 
@@ -33,21 +40,46 @@ class RunConfig(Protocol):
 
 
 class RunInfo(BaseModel):
-    """Identifies one pipeline run: its folder and its MLflow run."""
+    """Identifies one pipeline run: its folder and its MLflow run (the store's URI only with credentials redacted)."""
 
     model_config = ConfigDict(frozen=True)
 
     run_dir: str
     run_id: str
     experiment_id: str
-    tracking_uri: str
+    tracking_uri_redacted: str
+
+    @field_validator("tracking_uri_redacted")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        return redact(value)
+
+    def tracking_uri(self) -> str:
+        """The tracking URI to give MLflow, from this process's environment (``tracking_uri_for``)."""
+        return tracking_uri_for(self)
+
+
+def tracking_uri_for(run: RunInfo) -> str:
+    """The URI to give MLflow for ``run``: this process's settings (which must name the run's store), guarded.
+
+    See ``secrets.guard``: for ``http(s)://user:pw@host/`` MLflow gets ``http(s)://host/`` and the
+    credentials through its own environment variables.
+    """
+    uri = get_settings().tracking_uri
+    if redact(uri) != run.tracking_uri_redacted:
+        raise ConfigError(
+            f"run {run.run_id} was opened in the MLflow store {run.tracking_uri_redacted} but this process's "
+            f"FINETUNE_FLOWS_MLFLOW_TRACKING_URI / FINETUNE_FLOWS_STATE_DIR name {redact(uri)}: "
+            "give every worker the environment of the flow that started the run"
+        )
+    return guard(uri)
 
 
 def configure_mlflow(tracking_uri: str, experiment: str, artifact_root: str) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(guard(tracking_uri))
     found = mlflow.get_experiment_by_name(experiment)
     experiment_id = (
         found.experiment_id
@@ -66,7 +98,7 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(flat_params(value, f"{name}."))
         else:
-            flat[name] = str(value)[:6000]
+            flat[name] = redact(str(value))[:6000]
     return flat
 
 
@@ -87,7 +119,9 @@ def open_run(config: RunConfig, tracking_uri: str, artifact_root: str, runs_dir:
     with mlflow.start_run(run_name=run_dir.name, tags={"scenario": config.scenario, "head": config.head_name}) as run:
         mlflow.log_params(flat_params(config.model_dump(mode="json")))
         mlflow.set_tag("run_dir", str(run_dir))
-    return RunInfo(run_dir=str(run_dir), run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
+    return RunInfo(
+        run_dir=str(run_dir), run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri_redacted=tracking_uri
+    )
 
 
 def tag_run(run: RunInfo, tags: dict[str, str]) -> None:
@@ -96,7 +130,8 @@ def tag_run(run: RunInfo, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
     if tags:
-        MlflowClient(tracking_uri=run.tracking_uri).log_batch(run.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client = MlflowClient(tracking_uri=tracking_uri_for(run))
+        client.log_batch(run.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
 
 
 @task(name="start-run")

@@ -256,8 +256,10 @@ def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> 
     import mlflow
     import torch
 
+    from finetune_flows.tasks.core.secrets import install_log_redaction
     from finetune_flows.tasks.core.settings import get_settings
 
+    install_log_redaction()  # a worker or torchrun process: its logs too
     if get_settings().torch_threads:
         torch.set_num_threads(get_settings().torch_threads)
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -277,7 +279,7 @@ def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> 
 
     if not main_process:
         return train()
-    mlflow.set_tracking_uri(request.run.tracking_uri)
+    mlflow.set_tracking_uri(request.run.tracking_uri())
     with mlflow.start_run(run_id=request.run.run_id):
         result = train()
         mlflow.log_metrics(

@@ -92,7 +92,7 @@ def export_model(
         folder, head, Path(run.run_dir) / "onnx" / "model.onnx", max_length, tokenizer_hash, export.opset
     )
     texts = parity_texts(Path(dataset_dir), export.parity_samples, HEADS.get(head).text_columns)
-    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_tracking_uri(run.tracking_uri())
     try:
         result = check_head_parity(onnx_path, folder, head, texts, export.tolerance)
     except ParityError:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins.errors import DataError
 from finetune_flows.plugins.readers import decode_utf8
+from finetune_flows.tasks.core.reports import safe_record
 
 REQUIRED = ("timestamp", "source", "text")
 SUFFIXES = (".csv", ".jsonl")
@@ -189,12 +190,12 @@ def read_source(source: Path) -> tuple[pd.DataFrame, list[BadRecord], str]:
 
 
 def write_error_report(bad: list[BadRecord], path: Path) -> Path:
-    """The full error report as CSV (a header only when there is nothing to report)."""
+    """The full error report as a formula-safe CSV (a header only when there is nothing to report)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(BadRecord.model_fields))
         writer.writeheader()
-        writer.writerows(b.model_dump() for b in bad)
+        writer.writerows(safe_record(b.model_dump()) for b in bad)
     return path
 
 

@@ -18,6 +18,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetune_flows.plugins.errors import ConfigError, DataError
+from finetune_flows.tasks.core.secrets import guard, redact
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.monitoring.batch_records import (
     BadRecord,
@@ -166,13 +167,13 @@ def score_records(batch: BatchRead, config: MonitorConfig) -> ScoredBatch:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
     try:
         version = mlflow.MlflowClient().get_model_version_by_alias(config.model_name, config.alias)
     except MlflowException as exc:
         raise ConfigError(
             f"no version of registered model {config.model_name!r} has alias {config.alias!r} "
-            f"in {get_settings().tracking_uri}; register one with the finetune flow first"
+            f"in {redact(get_settings().tracking_uri)}; register one with the finetune flow first"
         ) from exc
     uri = f"models:/{config.model_name}@{config.alias}"
     records = pd.read_parquet(batch.records_path)

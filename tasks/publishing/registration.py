@@ -41,6 +41,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetune_flows.plugins import PromotionError
+from finetune_flows.tasks.core.secrets import redact
 from finetune_flows.tasks.publishing.promotion import (
     Candidate,
     Outcome,
@@ -273,22 +274,14 @@ def summary_markdown(result: RegisterResult, primary_metric: str, tracking_uri: 
     )
 
 
-def without_credentials(uri: str) -> str:
-    """``uri`` with any user:password replaced by ``***`` (http://user:pw@host -> http://***@host)."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-
-
 def version_link(tracking_uri: str, model_name: str, version: str) -> str:
     """A Markdown link to the version's page in the MLflow UI (a local store: how to open it); no credentials."""
     page = f"#/models/{quote(model_name)}/versions/{version}"
     if tracking_uri.startswith(("http://", "https://")):
-        parts = urlsplit(without_credentials(tracking_uri))
+        parts = urlsplit(redact(tracking_uri))
         base = urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
         return f"[{model_name} v{version}]({base}/{page})"
     return (
         f"[{model_name} v{version}](http://127.0.0.1:5000/{page}) once "
-        f"`mlflow ui --backend-store-uri {without_credentials(tracking_uri)}` runs"
+        f"`mlflow ui --backend-store-uri {redact(tracking_uri)}` runs"
     )

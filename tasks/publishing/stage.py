@@ -99,7 +99,7 @@ def register_version(
     """Register the served model with its evidence and move the aliases the promotion gate allows."""
     import mlflow
 
-    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_tracking_uri(run.tracking_uri())
     head = HEADS.get(config.head_name)
     tags = version_tags(config, data, tokens, evaluation, exported, extras)
     with mlflow.start_run(run_id=run.run_id):
@@ -141,6 +141,6 @@ def register_version(
     create_markdown_artifact(
         key=f"{config.scenario}-registration",
         description="Registered model version and promotion decision",
-        markdown=summary_markdown(result, config.primary_metric, run.tracking_uri),
+        markdown=summary_markdown(result, config.primary_metric, run.tracking_uri_redacted),
     )
     return result

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from prefect.artifacts import create_table_artifact
 
+from finetune_flows.tasks.core.reports import write_csv
 from finetune_flows.tasks.core.stages import StageContext, StageOutput
 from finetune_flows.tasks.core.tables import records
 from finetune_flows.tasks.ranking.baselines import (
@@ -126,9 +127,9 @@ def compare_with_baselines(context: StageContext) -> StageOutput:
     scores[HYBRID] = {s: blend(scores[MODEL][s], scores["mf-bpr"][s], weight) for s in SPLITS}
     table = ranking_table(scores)
     csv_path, md_path = Path(run.run_dir) / "ranking_table.csv", Path(run.run_dir) / "ranking_table.md"
-    table.to_csv(csv_path, index=False)
+    write_csv(table, csv_path)
     md_path.write_text(markdown_table(table, context.data.eval_rows, weight), encoding="utf-8")
-    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_tracking_uri(run.tracking_uri())
     with mlflow.start_run(run_id=run.run_id):
         mlflow.log_metrics(metric_names(table) | {"hybrid_weight": weight})
         mlflow.log_artifact(str(csv_path))

@@ -19,6 +19,7 @@ from prefect.artifacts import create_table_artifact
 
 from finetune_flows.plugins import SCENARIOS, ConfigError
 from finetune_flows.tasks.core.config import RankingConfig
+from finetune_flows.tasks.core.reports import write_csv
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.stages import PreparedData, StageContext
 from finetune_flows.tasks.core.tables import file_sha256, records
@@ -88,10 +89,9 @@ def prepare_folder(folder: Path, options: SplitOptions, max_tags: int, cache_dir
     ).to_parquet(tmp / "eval.parquet", index=False)
     split.validation.to_parquet(tmp / "validation.parquet", index=False)
     split.test.to_parquet(tmp / "test.parquet", index=False)
-    split.skipped_users.to_csv(tmp / "skipped_users.csv", index=False)
-    pd.DataFrame([p.model_dump() for p in log.problems], columns=list(PROBLEM_COLUMNS)).to_csv(
-        tmp / "problems.csv", index=False
-    )
+    # Reports only (read back solely for the input-report artifact), so formula-safe.
+    write_csv(split.skipped_users, tmp / "skipped_users.csv")
+    write_csv(pd.DataFrame([p.model_dump() for p in log.problems], columns=list(PROBLEM_COLUMNS)), tmp / "problems.csv")
     result = RankingData(
         dataset_dir=str(out),
         data_hash=data_hash,

@@ -18,6 +18,8 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_flows.plugins import ConfigError, DataError
+from finetune_flows.tasks.core.reports import write_csv
+from finetune_flows.tasks.core.secrets import guard
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tables import read_table, records
 from finetune_flows.tasks.ranking.dataset import interaction_folder
@@ -119,12 +121,12 @@ def default_output(model_uri: str, when: datetime) -> Path:
 
 
 def write_frame(frame: pd.DataFrame, path: Path) -> None:
-    """Parquet for a .parquet path, CSV otherwise."""
+    """Parquet for a .parquet path (the data as it is), a formula-safe report CSV otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         frame.to_parquet(path, index=False)
     else:
-        frame.to_csv(path, index=False)
+        write_csv(frame, path)
 
 
 def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncoder, model_uri: str) -> RecommendResult:
@@ -164,7 +166,7 @@ def fetch_scorer(config: RecommendConfig) -> tuple[str, str]:
     """(local folder, models:/name/version) of the model the alias points to."""
     import mlflow
 
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
     version = mlflow.MlflowClient().get_model_version_by_alias(config.model_name, config.alias)
     uri = f"models:/{config.model_name}/{version.version}"
     return mlflow.artifacts.download_artifacts(uri), uri
