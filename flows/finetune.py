@@ -16,13 +16,13 @@ from pydantic import BaseModel, ConfigDict
 from finetune_flows.flows.train import run_training, train_stage
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.evaluating import eval_request, evaluate_model
-from finetune_flows.tasks.core.failures import stage_failed
+from finetune_flows.tasks.core.failures import failing_stage, stage_failed
 from finetune_flows.tasks.core.ingestion import IngestResult, ingest_data, prepare_data
 from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
 from finetune_flows.tasks.core.model_source import fetch_model
 from finetune_flows.tasks.core.stages import StageContext, run_before_register
 from finetune_flows.tasks.core.tokenization import tokenize_data
-from finetune_flows.tasks.core.tracking import start_run
+from finetune_flows.tasks.core.tracking import RunInfo, fail_run, start_run
 from finetune_flows.tasks.core.training import fine_tune_request
 from finetune_flows.tasks.export.model_export import export_model
 from finetune_flows.tasks.publishing.stage import register_version
@@ -79,8 +79,21 @@ def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # n
 
 
 def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
-    """The stages in order; each passes paths and small models to the next."""
+    """The stages in order; each passes paths and small models to the next. A failure after the MLflow run is
+    open leaves that run FAILED, naming the stage."""
     run = start_run(config)
+    try:
+        return run_stages(config, run)
+    except Exception as exc:
+        try:
+            fail_run(run, failing_stage(exc, STAGES))
+        except Exception as marking:  # the stage's own error is the one to report
+            exc.add_note(f"the MLflow run {run.run_id} could not be marked FAILED: {marking}")
+        raise
+
+
+def run_stages(config: FinetuneConfig, run: RunInfo) -> FinetuneSummary:
+    """Every stage after the run is open."""
     data = prepare_data(config, run)
     base_model = fetch_model(config.model, run)
     tokens = tokenize_data(data, base_model, config.head_name, config.model.max_length)

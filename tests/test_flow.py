@@ -140,6 +140,9 @@ def test_bad_input_fails_clearly_and_creates_no_version(case, state_dir, tiny_mo
     with pytest.raises(DataError, match=message):
         finetune(config_for(tiny_model_dir, (train, dev), max_steps=1))
     assert versions() == []
+    # The MLflow run the flow opened is FAILED and names the stage, not FINISHED.
+    (run,) = mlflow.search_runs(experiment_names=["finetune-sentiment"], output_format="list")
+    assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "ingest"
 
 
 def test_failed_parity_publishes_nothing(state_dir, tiny_model_dir, files) -> None:

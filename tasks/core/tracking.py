@@ -134,6 +134,18 @@ def tag_run(run: RunInfo, tags: dict[str, str]) -> None:
         client.log_batch(run.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
 
 
+@task(name="fail-run")
+def fail_run(run: RunInfo, stage: str | None) -> None:
+    """Mark the run's MLflow run FAILED (and which stage failed): a pipeline that stops at any stage, ingest
+    included, is a failed run in MLflow, not a finished one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri_for(run))
+    if stage:
+        client.set_tag(run.run_id, "failed_stage", stage)
+    client.set_terminated(run.run_id, status="FAILED")
+
+
 @task(name="start-run")
 def start_run(config: RunConfig) -> RunInfo:
     """Open the MLflow run and the run folder that the later stages write to."""
