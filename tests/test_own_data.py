@@ -296,7 +296,7 @@ def test_gc_frees_run_folders_no_version_refers_to_and_keeps_the_rest(cli_runs: 
     assert "0 of 5 run folders" in recent
 
     report = ok(run_cli(env, "gc", "--min-age-hours", "0", timeout=120))
-    assert re.search(rf"^free .* {failed.name}  run \w+ FINISHED, no model version$", report, re.M), report
+    assert re.search(rf"^free .* {failed.name}  run \w+ FAILED, no model version$", report, re.M), report
     assert re.search(r"^free .* sentiment-opening  no MLflow run names it$", report, re.M), report
     assert re.search(r"^keep .* sentiment-running  run \w+ is RUNNING$", report, re.M), report
     for folder in kept:
