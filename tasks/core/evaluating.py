@@ -9,7 +9,6 @@ promotion gate compares like with like.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
@@ -99,12 +98,10 @@ def eval_request(
 
 def evaluator_for(head_name: str) -> Evaluator:
     """The evaluation ``head_name`` names, instantiated; a broken reference fails naming the head."""
+    from finetune_flows.tasks.core.stages import load_target  # stages imports this module's models
+
     target = HEADS.get(head_name).evaluator
-    module_name, _, class_name = target.partition(":")
-    try:
-        evaluator = getattr(importlib.import_module(module_name), class_name)()
-    except (ImportError, AttributeError) as exc:
-        raise PluginError(f"head {head_name!r}: cannot load its evaluator {target!r}: {exc}") from exc
+    evaluator = load_target(target, f"head {head_name!r}: its evaluator")()
     if not isinstance(evaluator, Evaluator):
         raise PluginError(f"head {head_name!r}: {target} is not an Evaluator (evaluate, score_champion, headline)")
     return evaluator

@@ -12,8 +12,8 @@ so a broken stage fails naming the scenario and the stage.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from prefect import task
@@ -85,13 +85,12 @@ def scenario_stages(scenario: str, hook: StageHook) -> list[ExtraStage]:
 
 
 def load_target(target: str, owner: str) -> Callable[..., Any]:
-    """The function named by ``"module:function"``; a failure to import it names ``owner`` (scenario or head)."""
-    module_name, _, attribute = target.partition(":")
+    """What ``"module:attribute"`` names, loaded the way an entry point is; a failure names ``owner``."""
     try:
-        function: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
-        return function
+        loaded: Callable[..., Any] = EntryPoint(name=owner, value=target, group="finetune_flows.targets").load()
     except (ImportError, AttributeError) as exc:
         raise PluginError(f"{owner}: cannot load {target!r}: {type(exc).__name__}: {exc}") from exc
+    return loaded
 
 
 def call_stage(stage: ExtraStage, context: StageContext) -> Any:
