@@ -6,6 +6,10 @@ registers its deployments and records what it started in ``<state>/services/serv
 Each service's log is ``<state>/services/<name>.log``. Prefect's database, the MLflow store and its
 artifact folder are the state folder's own, so runs and models made by ``finetune-flows run``, by
 the workers, or by an earlier ``up`` are all found again. Process groups are read from /proc (Linux).
+
+With ``auth`` (``up --auth`` or ``FINETUNE_FLOWS_SERVICES_AUTH=true``) both servers require basic
+auth and every client ``up`` starts gets the credentials in its environment (see ``service_auth``);
+the health endpoints stay public, so ``status`` and ``down`` work the same.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +30,15 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from finetune_flows.flows.cli.service_auth import (
+    MLFLOW_PASSWORD_VARIABLE,
+    MLFLOW_USERNAME_VARIABLE,
+    PREFECT_AUTH_VARIABLE,
+    ServiceAuth,
+    auth_from_environment,
+    basic_authorization,
+    write_mlflow_auth_config,
+)
 from finetune_flows.plugins import FinetuneFlowsError
 from finetune_flows.tasks.core.settings import Settings
 
@@ -56,6 +70,7 @@ class ServiceRecord(BaseModel):
     started_at: str
     prefect_url: str
     mlflow_url: str
+    auth: bool = False  # basic auth on both servers (the credentials are never recorded)
     services: list[Service]
 
 
@@ -106,20 +121,28 @@ def is_alive(pid: int) -> bool:
     return pid in group_members(pid)
 
 
+def http_status(url: str, authorization: str | None = None, timeout: float = 2.0) -> int | None:
+    """The status of GET ``url`` (without any proxy, with ``authorization`` if given); None: no answer."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
+
+
 def is_healthy(url: str | None, timeout: float = 2.0) -> bool:
     """GET ``url`` (without any proxy) answers 200."""
-    if url is None:
-        return False
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+    return url is not None and http_status(url, timeout=timeout) == 200
 
 
 def _check_port_free(port: int, setting: str) -> None:
     with socket.socket() as sock:
+        # As the servers bind (SO_REUSEADDR): connections of a just-stopped server in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError as exc:
@@ -152,9 +175,12 @@ def _wait_healthy(service: Service, deadline: float) -> None:
         time.sleep(0.5)
 
 
-def service_env(settings: Settings, prefect_url: str, mlflow_url: str) -> dict[str, str]:
-    """The environment of every service: this one, plus where the state, Prefect and MLflow are."""
+def service_env(
+    settings: Settings, prefect_url: str, mlflow_url: str, auth: ServiceAuth | None = None
+) -> dict[str, str]:
+    """The environment of every service: this one, where the state, Prefect and MLflow are, the credentials."""
     env = dict(os.environ)
+    env.update(auth.client_env() if auth else {})
     env.update(
         PREFECT_HOME=str(settings.prefect_home),
         PREFECT_API_URL=f"{prefect_url}/api",
@@ -170,7 +196,18 @@ def service_env(settings: Settings, prefect_url: str, mlflow_url: str) -> dict[s
     return env
 
 
-def _ensure_pools(prefect_url: str, pools: list[str]) -> None:
+def _check_auth(service: Service, probe: str, authorization: str, variables: str) -> None:
+    """``probe`` refuses a request without credentials (401) and answers one with them (200)."""
+    anonymous, signed = http_status(probe), http_status(probe, authorization)
+    if anonymous != 401:
+        raise ServiceError(f"{service.name} answered {probe} without credentials ({anonymous}); see {service.log}")
+    if signed != 200:
+        raise ServiceError(
+            f"{service.name} refused the credentials of {variables} at {probe} ({signed}); see {service.log}"
+        )
+
+
+def _ensure_pools(prefect_url: str, pools: list[str], auth_string: str | None) -> None:
     """Create each work pool (type process, Prefect's default job template) unless it exists."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -178,7 +215,7 @@ def _ensure_pools(prefect_url: str, pools: list[str]) -> None:
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    with SyncPrefectClient(f"{prefect_url}/api") as client:
+    with SyncPrefectClient(f"{prefect_url}/api", auth_string=auth_string) as client:
         for pool in pools:
             try:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
@@ -187,12 +224,12 @@ def _ensure_pools(prefect_url: str, pools: list[str]) -> None:
                 logger.info("work pool %s exists", pool)
 
 
-def _wait_pools_ready(prefect_url: str, workers: dict[str, Service], deadline: float) -> None:
+def _wait_pools_ready(prefect_url: str, workers: dict[str, Service], deadline: float, auth_string: str | None) -> None:
     """Wait until every pool reports READY (its worker polls it)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import WorkPoolStatus
 
-    with SyncPrefectClient(f"{prefect_url}/api") as client:
+    with SyncPrefectClient(f"{prefect_url}/api", auth_string=auth_string) as client:
         for pool, worker in workers.items():
             while client.read_work_pool(pool).status != WorkPoolStatus.READY:
                 if not is_alive(worker.pid):
@@ -216,12 +253,24 @@ def _deploy(env: dict[str, str], folder: Path, prefect_yaml: Path, timeout: floa
     logger.info("registered the deployments of %s", prefect_yaml)
 
 
-def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML) -> tuple[ServiceRecord, bool]:
-    """Start the services unless a healthy set is already recorded; returns (record, started)."""
+def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML, auth: bool | None = None) -> tuple[ServiceRecord, bool]:
+    """Start the services unless a healthy set is already recorded; returns (record, started).
+
+    ``auth`` (default: ``settings.services_auth``) turns on basic auth with the credentials of the
+    environment (``service_auth.auth_from_environment``); missing ones fail before anything starts.
+    """
+    auth = settings.services_auth if auth is None else auth
+    credentials = auth_from_environment() if auth else None
     record = read_record(settings)
     if record is not None:
         found = [check(s) for s in record.services]
         if all(s.alive and s.healthy is not False for s in found):
+            if record.auth != auth:
+                now = "with" if record.auth else "without"
+                raise ServiceError(
+                    f"the services are up {now} authentication (started {record.started_at}); "
+                    f"run `finetune-flows down` first to restart them {'without' if record.auth else 'with'} it"
+                )
             logger.info("already up: %s", ", ".join(f"{s.service.name} (pid {s.service.pid})" for s in found))
             return record, False
         logger.warning("a recorded service is down; stopping the rest and starting afresh")
@@ -231,14 +280,25 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML) -> tuple[ServiceRe
     folder = record_path(settings).parent
     folder.mkdir(parents=True, exist_ok=True)
     prefect_url, mlflow_url = f"http://{HOST}:{settings.prefect_port}", f"http://{HOST}:{settings.mlflow_port}"
-    env = service_env(settings, prefect_url, mlflow_url)
+    env = service_env(settings, prefect_url, mlflow_url, credentials)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     record = ServiceRecord(state_dir=str(settings.state), started_at=started_at, prefect_url=prefect_url,
-                           mlflow_url=mlflow_url, services=[])  # fmt: skip
+                           mlflow_url=mlflow_url, auth=auth, services=[])  # fmt: skip
     prefect, mlflow = [sys.executable, "-m", "prefect"], [sys.executable, "-m", "mlflow"]
+    prefect_env: dict[str, str] = {}
+    mlflow_env: dict[str, str] = {}
+    if credentials:
+        config = write_mlflow_auth_config(folder / "mlflow-auth.ini", settings.state / "mlflow-auth.db")
+        prefect_env, mlflow_env = credentials.prefect_server_env(), credentials.mlflow_server_env(config)
 
-    def start(name: str, argv: list[str], url: str | None = None, health: str | None = None) -> Service:
-        pid = _spawn(name, argv, env, folder)
+    def start(
+        name: str,
+        argv: list[str],
+        url: str | None = None,
+        health: str | None = None,
+        extra: dict[str, str] | None = None,  # the environment of this service only
+    ) -> Service:
+        pid = _spawn(name, argv, {**env, **(extra or {})}, folder)
         service = Service(name=name, pid=pid, log=str(folder / f"{name}.log"), url=url, health_url=health)
         record.services.append(service)
         record_path(settings).write_text(record.model_dump_json(indent=2), encoding="utf-8")
@@ -250,19 +310,30 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML) -> tuple[ServiceRe
         mlflow_argv = [*mlflow, "server", "--host", HOST, "--port", str(settings.mlflow_port), "--workers", "1",
                        "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.artifact_root,
                        "--artifacts-destination", settings.artifact_root]  # fmt: skip
+        if credentials:
+            mlflow_argv += ["--app-name", "basic-auth"]
         servers = [
-            start("prefect-server", prefect_argv, prefect_url, f"{prefect_url}/api/health"),
-            start("mlflow-server", mlflow_argv, mlflow_url, f"{mlflow_url}/health"),
+            start("prefect-server", prefect_argv, prefect_url, f"{prefect_url}/api/health", prefect_env),
+            start("mlflow-server", mlflow_argv, mlflow_url, f"{mlflow_url}/health", mlflow_env),
         ]
         deadline = time.monotonic() + settings.service_timeout
         for server in servers:
             _wait_healthy(server, deadline)
+        if credentials:
+            _check_auth(servers[0], f"{prefect_url}/api/admin/version",
+                        basic_authorization(credentials.prefect_auth_string.get_secret_value()),
+                        PREFECT_AUTH_VARIABLE)  # fmt: skip
+            _check_auth(servers[1], f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+                        credentials.mlflow_authorization(),
+                        f"{MLFLOW_USERNAME_VARIABLE}/{MLFLOW_PASSWORD_VARIABLE} (the admin user of the store "
+                        f"{settings.state / 'mlflow-auth.db'} keeps the password it was created with)")  # fmt: skip
+        auth_string = env.get(PREFECT_AUTH_VARIABLE)  # what the workers and `prefect deploy` send too
         pools = work_pools(prefect_yaml)
-        _ensure_pools(prefect_url, pools)
+        _ensure_pools(prefect_url, pools, auth_string)
         _deploy(env, folder, prefect_yaml, settings.service_timeout)
         worker = [*prefect, "worker", "start", "--type", "process", "--pool"]
         workers = {p: start(f"worker-{p}", [*worker, p, "--name", f"finetune-flows-{p}"]) for p in pools}
-        _wait_pools_ready(prefect_url, workers, time.monotonic() + settings.service_timeout)
+        _wait_pools_ready(prefect_url, workers, time.monotonic() + settings.service_timeout, auth_string)
     except BaseException:
         down(settings)
         raise

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     service_timeout: float = Field(
         default=120.0, ge=5.0, le=1800.0, description="Seconds `finetune-flows up` waits for each service's health."
     )
+    services_auth: bool = Field(
+        default=False,
+        description=(
+            "`finetune-flows up` starts both servers with basic auth (as `up --auth`). The credentials come "
+            "only from the environment, never a default: PREFECT_API_AUTH_STRING (user:password) and "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (at least 12 characters)."
+        ),
+    )
 
     @cached_property
     def state(self) -> Path:
