@@ -9,6 +9,11 @@ also occur in training are removed; labels get a sorted, deterministic id mappin
 folder is keyed by the inputs' content and format and the label map, so a second run with the same
 inputs reuses it.
 
+Caps (``data.max_file_mb``, ``max_rows``, ``max_text_bytes``) are checked while the files are read; a training
+set whose largest class has more than ``data.max_imbalance_ratio`` times the rows of its smallest is logged as a
+warning and tagged ``class_imbalance`` on the run and version. Before anything tokenizes, ``prepare_data`` checks
+that the prepared data holds enough texts for the ONNX parity gate that follows training.
+
 Splits: ``train`` (fitting), ``select`` (optional: checkpoint choice and early stopping, so eval
 stays held out), ``eval`` (checkpoint choice when there is no select split, promotion) and ``test``
 (reported only, never used to choose anything).
@@ -26,7 +31,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict
 
-from finetune_flows.plugins import SCENARIOS, DataError
+from finetune_flows.plugins import HEADS, SCENARIOS, DataError
 from finetune_flows.plugins.specs import Scenario
 from finetune_flows.tasks.core.config import (
     DataConfig,
@@ -35,6 +40,7 @@ from finetune_flows.tasks.core.config import (
     label_map_problem,
     parse_label_map,
 )
+from finetune_flows.tasks.core.failures import STAGE_ATTRIBUTE
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.splits import describe_splits, frame_hash, stratified_split
 from finetune_flows.tasks.core.stages import PreparedData, StageContext, prepare_with_stage
@@ -43,7 +49,7 @@ from finetune_flows.tasks.core.tracking import RunInfo, tag_run
 
 logger = logging.getLogger(__name__)
 
-_INGEST_VERSION = "2"
+_INGEST_VERSION = "3"
 
 
 class IngestOptions(BaseModel):
@@ -60,6 +66,10 @@ class IngestOptions(BaseModel):
     seed: int = 42
     label_map: dict[str, str] | None = None
     """Raw label value -> the scenario's label name, applied before the scenario's own names."""
+    max_file_mb: float = 2048.0
+    max_rows: int = 5_000_000
+    max_text_bytes: int = 100_000
+    max_imbalance_ratio: float = 20.0
 
 
 class IngestResult(PreparedData):
@@ -84,6 +94,8 @@ class IngestResult(PreparedData):
     """The label map applied, in its canonical text form."""
     splits: str = ""
     """Which rows train, select, evaluate and test, and where each came from."""
+    class_imbalance: str | None = None
+    """``"597:3 (199x) positive/negative"`` when the training classes are more imbalanced than allowed; else None."""
 
     def provenance(self) -> dict[str, str]:
         """Run and version tags naming the files read (absolute paths, sha256) and the label map."""
@@ -96,6 +108,8 @@ class IngestResult(PreparedData):
                 tags.update({f"data.{split}_file": file, f"data.{split}_sha256": sha})
         if self.label_map:
             tags["data.label_map"] = self.label_map
+        if self.class_imbalance:
+            tags["class_imbalance"] = self.class_imbalance
         return tags
 
 
@@ -116,9 +130,34 @@ def _absolute(path: Path | None) -> str | None:
 
 def _read_labelled(path: Path, scenario: Scenario, options: IngestOptions) -> tuple[pd.DataFrame, str, str]:
     """Validated rows of ``path`` and its (text, label) column names."""
-    frame = read_table(path, scenario)
+    frame = read_table(path, scenario, max_file_mb=options.max_file_mb, max_rows=options.max_rows)
     text_col, label_col = resolve_columns(frame, path, scenario, options)
-    return clean_rows(frame, path, text_col, label_col, scenario, options.label_map), text_col, label_col
+    rows = clean_rows(frame, path, text_col, label_col, scenario, options.label_map, options.max_text_bytes)
+    return rows, text_col, label_col
+
+
+def class_imbalance(labels: pd.Series, max_ratio: float) -> str | None:
+    """``"597:3 (199x) positive/negative"`` (largest:smallest class rows, ratio, their names) when the largest class
+    has more than ``max_ratio`` times the rows of the smallest; else None."""
+    counts = labels.value_counts()
+    largest, smallest = str(counts.index[0]), str(counts.index[-1])
+    ratio = counts.iloc[0] / counts.iloc[-1]
+    if ratio <= max_ratio:
+        return None
+    shown = f"{ratio:.1f}".removesuffix(".0")
+    return f"{counts.iloc[0]}:{counts.iloc[-1]} ({shown}x) {largest}/{smallest}"
+
+
+def _warn_imbalance(result: IngestResult, max_ratio: float) -> None:
+    if result.class_imbalance:
+        logger.warning(
+            "ingest: the training classes are imbalanced: %s rows (largest/smallest class) in %s, more than "
+            "data.max_imbalance_ratio %g; accuracy will flatter the model: consider training.class_weights=balanced "
+            "and judging it by macro-F1",
+            result.class_imbalance,
+            result.train_file,
+            max_ratio,
+        )
 
 
 def ingest_files(
@@ -148,6 +187,7 @@ def ingest_files(
             update={"cached": True, **files}
         )
         logger.info("ingest: reusing cached dataset %s (data hash %s; %s)", out, result.data_hash[:12], result.splits)
+        _warn_imbalance(result, options.max_imbalance_ratio)
         return result
 
     train, text_col, label_col = _read_labelled(train_file, scenario, options)
@@ -234,6 +274,7 @@ def ingest_files(
         select_rows=rows.get("select", 0),
         label_map=format_label_map(options.label_map) if options.label_map else None,
         splits=splits,
+        class_imbalance=class_imbalance(train["label"], options.max_imbalance_ratio),
         summary=(
             f"{len(train)} train / {select_text}{len(parts['eval'])} eval / "
             f"{len(test) if test is not None else 0} test rows, labels {', '.join(classes)}"
@@ -253,6 +294,7 @@ def ingest_files(
         duplicates,
         result.eval_overlap_removed,
     )
+    _warn_imbalance(result, options.max_imbalance_ratio)
     return result
 
 
@@ -292,6 +334,10 @@ def ingest_options(data: DataConfig, scenario_name: str, seed: int) -> IngestOpt
         max_train_rows=data.max_train_rows,
         seed=seed,
         label_map=label_map_of(data, scenario_name),
+        max_file_mb=data.max_file_mb,
+        max_rows=data.max_rows,
+        max_text_bytes=data.max_text_bytes,
+        max_imbalance_ratio=data.max_imbalance_ratio,
     )
 
 
@@ -321,8 +367,48 @@ def prepare_data(config: FinetuneConfig, run: RunInfo) -> PreparedData:
     files, hashes and label map are tagged on the run)."""
     prepared = prepare_with_stage(StageContext(config=config, run=run))
     if prepared is not None:
+        check_parity_size(prepared, config.head_name)
         return prepared
     result = ingest_data(config.scenario, config.data, config.training.seed)
     if isinstance(result, IngestResult):  # (narrows Prefect's task return type for mypy)
         tag_run(run, result.provenance())
+    try:
+        check_parity_size(result, config.head_name)
+    except DataError as exc:
+        setattr(exc, STAGE_ATTRIBUTE, "ingest")  # the failed run names the stage whose output is too small
+        raise
     return result
+
+
+def check_parity_size(data: PreparedData, head_name: str) -> None:
+    """The prepared data holds the texts the ONNX parity gate after training needs (``MIN_PARITY_TEXTS``), or a
+    ``DataError`` now, before anything tokenizes or trains.
+
+    The gate takes its texts as ``parity_texts`` does: eval rows first, topped up from train, one text per text
+    column of the head."""
+    import pyarrow.parquet as pq
+
+    from finetune_flows.tasks.export.model_export import MIN_PARITY_TEXTS
+
+    folder = Path(data.dataset_dir)
+    rows = {split: pq.read_metadata(folder / f"{split}.parquet").num_rows for split in ("eval", "train")}
+    per_row = len(HEADS.get(head_name).text_columns)
+    texts = (rows["eval"] + rows["train"]) * per_row
+    if texts >= MIN_PARITY_TEXTS:
+        return
+    file: str | Path = folder
+    where = ""
+    if isinstance(data, IngestResult):
+        file = data.train_file if data.eval_is_split or not data.eval_file else data.eval_file
+        where = f" (the split held out of {Path(data.train_file).name})" if data.eval_is_split else ""
+    per = f" x {per_row} texts per row ({', '.join(HEADS.get(head_name).text_columns)})" if per_row > 1 else ""
+    raise DataError(
+        f"too few rows for the ONNX parity gate after training: {rows['eval']} eval rows{where} + {rows['train']} "
+        f"train rows{per} = {texts} texts, and the gate needs at least {MIN_PARITY_TEXTS}; the run would train "
+        "and then fail",
+        file=file,
+        hint=(
+            f"Give at least {MIN_PARITY_TEXTS} rows in the training and eval files together (the gate's minimum is "
+            f"fixed: export.parity_samples cannot go below {MIN_PARITY_TEXTS})"
+        ),
+    )

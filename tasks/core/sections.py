@@ -99,6 +99,36 @@ class DataConfig(_Frozen):
         default=None,
         description="The label map as a file: a CSV with a header and two columns (raw, label) or a JSON object.",
     )
+    max_file_mb: float = Field(
+        default=2048.0,
+        gt=0.0,
+        le=1_000_000.0,
+        description=(
+            "Largest input file in MB (on disk, checked before it is read; a .gz file also decompressed): a bigger "
+            "one is an error naming it."
+        ),
+    )
+    max_rows: int = Field(
+        default=5_000_000, ge=1, le=1_000_000_000, description="Most data rows one input file may hold."
+    )
+    max_text_bytes: int = Field(
+        default=100_000,
+        ge=16,
+        le=1_000_000_000,
+        description=(
+            "Most UTF-8 bytes in one text cell; a longer text is an error naming file, row and column (texts are "
+            "truncated to model.max_length tokens anyway, and a huge cell exhausts memory in tokenization)."
+        ),
+    )
+    max_imbalance_ratio: float = Field(
+        default=20.0,
+        ge=1.0,
+        le=1e9,
+        description=(
+            "Warn (log and run tag class_imbalance) when the largest class has more than this many times the "
+            "training rows of the smallest; not an error."
+        ),
+    )
 
     @field_validator("label_map")
     @classmethod

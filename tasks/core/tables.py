@@ -2,6 +2,10 @@
 
 Every problem is a ``DataError`` naming file, row (or line), column and value. A scenario may
 read its own formats (``Scenario.read_file``); everything else goes through ``read_table``.
+
+Size caps (``data.max_file_mb``, ``data.max_rows``, ``data.max_text_bytes``) are checked while reading, before
+anything tokenizes: the file's size on disk before a byte is read (and a ``.gz`` file's decompressed size), the
+rows once parsed, the UTF-8 bytes of every text cell in ``clean_rows``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from finetune_flows.plugins.specs import Scenario
 # C0 control characters except tab, newline and carriage return: never part of a real text (NUL often marks a
 # binary or UTF-16 file), so an error rather than a silent clean-up.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+MB = 1 << 20
+DEFAULT_MAX_FILE_MB = 2048.0
+"""The file-size cap of readers that take no configuration (``data.max_file_mb``'s default)."""
+VALUE_PREFIX = 40
+"""Characters of an oversized text shown in its error."""
 
 
 class ColumnChoice(Protocol):
@@ -44,22 +53,54 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
-    """Read one file into a DataFrame of strings; the scenario may read its own formats."""
+def read_table(
+    path: Path,
+    scenario: Scenario | None = None,
+    *,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+    max_rows: int | None = None,
+) -> pd.DataFrame:
+    """Read one file into a DataFrame of strings; the scenario may read its own formats.
+
+    A file over ``max_file_mb`` (on disk, or a ``.gz`` file decompressed) or with more than ``max_rows`` data rows
+    is a ``DataError`` naming it; the size is checked before the file is read."""
     if not path.is_file():
         raise DataError("file not found", file=path)
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataError("file is empty", file=path, hint="Give a file with a header and data rows")
+    if size > max_file_mb * MB:
+        raise DataError(
+            f"file of {size:,} bytes is larger than data.max_file_mb ({max_file_mb:g} MB, {int(max_file_mb * MB):,} "
+            "bytes)",
+            file=path,
+            hint="Raise data.max_file_mb, or split or sample the file",
+        )
     if scenario is not None:
         custom = scenario.read_file(path)
         if custom is not None:
-            return custom
+            return _within_rows(path, custom, max_rows)
+    return _within_rows(path, _read_known_format(path, max_file_mb, max_rows), max_rows)
+
+
+def _within_rows(path: Path, frame: pd.DataFrame, max_rows: int | None) -> pd.DataFrame:
+    if max_rows is not None and len(frame) > max_rows:
+        raise DataError(
+            f"{len(frame):,} data rows, more than data.max_rows ({max_rows:,})",
+            file=path,
+            hint="Raise data.max_rows, or split or sample the file",
+        )
+    return frame
+
+
+def _read_known_format(path: Path, max_file_mb: float, max_rows: int | None) -> pd.DataFrame:
+    """A CSV, TSV, JSONL or Parquet file (optionally gzipped) as a frame of strings, by its suffixes."""
     suffixes = [s.lower() for s in path.suffixes]
     compressed = suffixes[-1:] == [".gz"]
     kind = suffixes[-2] if compressed and len(suffixes) > 1 else suffixes[-1] if suffixes else ""
     raw = path.read_bytes()
     if compressed:
-        raw = _gunzip(path, raw)
+        raw = _gunzip(path, raw, int(max_file_mb * MB))
     if not raw.strip():
         raise DataError("file is empty", file=path, hint="Give a file with a header and data rows")
     if kind == ".parquet":
@@ -89,6 +130,13 @@ def read_table(path: Path, scenario: Scenario | None = None) -> pd.DataFrame:
                     if not isinstance(record, dict):
                         raise DataError("not a JSON object", file=path, line=number, value=line)
                     rows.append(record)
+                    if max_rows is not None and len(rows) > max_rows:  # stop reading as soon as it is over
+                        raise DataError(
+                            f"more than data.max_rows ({max_rows:,}) data rows",
+                            file=path,
+                            line=number,
+                            hint="Raise data.max_rows, or split or sample the file",
+                        )
             # object dtype keeps 1 as "1" (not "1.0") when a key is missing; null/missing -> "".
             return pd.DataFrame(rows, dtype=object).fillna("").astype(str)
     except (pd.errors.ParserError, csv.Error) as exc:
@@ -138,14 +186,23 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _gunzip(path: Path, raw: bytes) -> bytes:
-    """The decompressed bytes of a ``.gz`` file; a file that is not (complete) gzip is a ``DataError``."""
+def _gunzip(path: Path, raw: bytes, limit: int) -> bytes:
+    """The decompressed bytes of a ``.gz`` file, at most ``limit`` of them; a file that is not (complete) gzip, or
+    that decompresses to more, is a ``DataError``."""
     try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            data = stream.read(limit + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(
             f"not a valid gzip file ({_one_line(exc)})", file=path, hint="Compress it with gzip, or drop the .gz suffix"
         ) from exc
+    if len(data) > limit:
+        raise DataError(
+            f"decompresses to more than data.max_file_mb ({limit / MB:g} MB, {limit:,} bytes)",
+            file=path,
+            hint="Raise data.max_file_mb, or split or sample the file",
+        )
+    return data
 
 
 def _read_parquet(path: Path, raw: bytes) -> pd.DataFrame:
@@ -193,16 +250,19 @@ def clean_rows(
     label_col: str,
     scenario: Scenario,
     label_map: Mapping[str, str] | None = None,
+    max_text_bytes: int | None = None,
 ) -> pd.DataFrame:
     """Validate every row; return columns ``text`` and ``label`` (the label's name).
 
     ``label_map`` (raw value -> label name) is applied first; a raw value it does not list must be
-    a label the scenario knows."""
+    a label the scenario knows. A text of more than ``max_text_bytes`` UTF-8 bytes is an error."""
     if frame.empty:
         raise DataError("no data rows: the file has a header only", file=path)
     label_map = label_map or {}
     texts = frame[text_col].astype(str)
     labels = frame[label_col].astype(str).str.strip()
+    if max_text_bytes is not None:
+        _texts_within(texts, path, text_col, max_text_bytes)
     for column, values in ((text_col, texts), (label_col, labels)):
         control = values.str.contains(CONTROL_CHARACTERS, regex=True)
         if control.any():
@@ -239,6 +299,25 @@ def clean_rows(
     elif scenario.label_names:
         labels = labels.map(scenario.label_names)
     return pd.DataFrame({"text": texts.to_numpy(), "label": labels.to_numpy(), "row": np.arange(1, len(frame) + 1)})
+
+
+def _texts_within(texts: pd.Series, path: Path, column: str, max_bytes: int) -> None:
+    """Every text holds at most ``max_bytes`` UTF-8 bytes; the first that holds more is a ``DataError`` showing
+    its start and size (a UTF-8 character has at most 4 bytes, so only texts over ``max_bytes // 4`` characters
+    are encoded to count)."""
+    for position in np.flatnonzero((texts.str.len() > max_bytes // 4).to_numpy()):
+        text = str(texts.iloc[position])
+        size = len(text.encode("utf-8", errors="surrogatepass"))
+        if size > max_bytes:
+            raise DataError(
+                f"text of {size:,} UTF-8 bytes, more than data.max_text_bytes ({max_bytes:,}); the value shown is "
+                f"its first {VALUE_PREFIX} characters",
+                file=path,
+                row=int(position) + 1,
+                column=column,
+                value=text[:VALUE_PREFIX] + ("..." if len(text) > VALUE_PREFIX else ""),
+                hint="Shorten or drop the row, or raise data.max_text_bytes",
+            )
 
 
 def read_label_map(path: Path) -> dict[str, str]:
