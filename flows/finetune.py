@@ -20,15 +20,16 @@ from finetune_flows.tasks.core.failures import failing_stage, stage_failed
 from finetune_flows.tasks.core.ingestion import IngestResult, ingest_data, prepare_data
 from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
 from finetune_flows.tasks.core.model_source import fetch_model
+from finetune_flows.tasks.core.resuming import reopen_run
 from finetune_flows.tasks.core.stages import StageContext, run_before_register
 from finetune_flows.tasks.core.tokenization import tokenize_data
-from finetune_flows.tasks.core.tracking import RunInfo, fail_run, start_run
+from finetune_flows.tasks.core.tracking import RunInfo, end_run, fail_run, release_run_folder, start_run
 from finetune_flows.tasks.core.training import fine_tune_request
 from finetune_flows.tasks.export.model_export import export_model
 from finetune_flows.tasks.publishing.stage import register_version
 
 STAGES = (
-    start_run, ingest_data, fetch_model, tokenize_data, train_stage, fine_tune, hand_off_training,
+    start_run, reopen_run, ingest_data, fetch_model, tokenize_data, train_stage, fine_tune, hand_off_training,
     export_model, evaluate_model, register_version,
 )  # fmt: skip
 
@@ -80,8 +81,9 @@ def finetune(config: FinetuneConfig = FinetuneConfig()) -> FinetuneSummary:  # n
 
 def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
     """The stages in order; each passes paths and small models to the next. A failure after the MLflow run is
-    open leaves that run FAILED, naming the stage."""
-    run = start_run(config)
+    open leaves that run FAILED, an interruption (SIGTERM, Ctrl-C) KILLED, naming the stage; either can be resumed
+    (``config.resume``)."""
+    run = reopen_run(config) if config.resume else start_run(config)
     try:
         return run_stages(config, run)
     except Exception as exc:
@@ -90,6 +92,14 @@ def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
         except Exception as marking:  # the stage's own error is the one to report
             exc.add_note(f"the MLflow run {run.run_id} could not be marked FAILED: {marking}")
         raise
+    except BaseException as exc:  # SIGTERM (Prefect raises TerminationSignal) or Ctrl-C: interrupted, resumable
+        try:
+            end_run(run, "KILLED", failing_stage(exc, STAGES))
+        except Exception as marking:
+            exc.add_note(f"the MLflow run {run.run_id} could not be marked KILLED: {marking}")
+        raise
+    finally:
+        release_run_folder(run)
 
 
 def run_stages(config: FinetuneConfig, run: RunInfo) -> FinetuneSummary:

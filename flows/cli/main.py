@@ -3,6 +3,7 @@
     finetune-flows plugins
     finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
     finetune-flows run [<scenario>] --help          (every config field: type, default, bounds)
+    finetune-flows resume <run folder | MLflow run id>
     finetune-flows gc [--yes]
     finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
     finetune-flows up | down | status
@@ -63,7 +64,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_environment()
     from finetune_flows.flows.finetune import finetune
 
-    summary = finetune(config)
+    write_summary(run_flow(finetune, config))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _prepare_environment()
+    from finetune_flows.flows.finetune import finetune
+    from finetune_flows.tasks.core.resuming import resume_config
+
+    write_summary(run_flow(finetune, resume_config(args.run)))
+    return 0
+
+
+def run_flow(flow: Any, *args: Any) -> Any:
+    """Call ``flow`` against the configured Prefect server, or a temporary one that ends with this command."""
+    from finetune_flows.flows.cli.embedded import temporary_server
+    from finetune_flows.tasks.core.settings import get_settings
+
+    with temporary_server(get_settings().prefect_home):
+        return flow(*args)
+
+
+def write_summary(summary: Any) -> None:
+    """The ``FinetuneSummary`` of a finished run, on stdout."""
     out = sys.stdout
     out.write("\n=== finetune-flows: run complete ===\n")
     out.write(f"registered model : {summary.model_name}\n")
@@ -86,7 +110,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for report in summary.reports:
         out.write("\n" + Path(report).read_text(encoding="utf-8"))
-    return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -132,7 +155,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     _prepare_environment()
     from finetune_flows.flows.recommend import recommend
 
-    result = recommend(config)
+    result = run_flow(recommend, config)
     frame = _read_lists(result.output_path)
     for user, group in list(frame.groupby("user", sort=False))[:5]:
         sys.stdout.write(f"user {user}:\n")
@@ -157,7 +180,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     _prepare_environment()
     from finetune_flows.flows.monitor import monitor
 
-    summary = monitor(config)
+    summary = run_flow(monitor, config)
     out = sys.stdout
     out.write("\n=== finetune-flows: monitor run complete ===\n")
     out.write(f"records          : {summary.records_read} read, {summary.bad_records} bad, ")
@@ -175,16 +198,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(_: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
     _prepare_environment()
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `up` logs to its terminal
     from finetune_flows.flows.cli.services import up
     from finetune_flows.tasks.core.settings import get_settings
 
-    record, started = up(get_settings())
+    record, started = up(get_settings(), auth=True if args.auth else None)
     sys.stdout.write(f"{'started' if started else 'already up'} (state {record.state_dir})\n")
-    sys.stdout.write(f"Prefect UI : {record.prefect_url}\n")
-    sys.stdout.write(f"MLflow UI  : {record.mlflow_url}\n")
+    prefect_login = " (basic auth: PREFECT_API_AUTH_STRING)" if record.auth else ""
+    mlflow_login = " (basic auth: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)" if record.auth else ""
+    sys.stdout.write(f"Prefect UI : {record.prefect_url}{prefect_login}\n")
+    sys.stdout.write(f"MLflow UI  : {record.mlflow_url}{mlflow_login}\n")
     return 0
 
 
@@ -236,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. training.epochs=2"
     )
     run.set_defaults(func=cmd_run)
+    resume = commands.add_parser(
+        "resume", help="continue a killed or failed run from its last complete checkpoint, with its own config"
+    )
+    resume.add_argument("run", help="the run folder's name (under <state>/runs), its path, or its MLflow run id")
+    resume.set_defaults(func=cmd_resume)
     watch = commands.add_parser("monitor", help="score new texts with the champion and alert on negative spikes")
     watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")
     watch.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. window_minutes=30")
@@ -248,7 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. model_name=x")
     rec.set_defaults(func=cmd_recommend)
     services = "the Prefect server, MLflow server and one worker per work pool (127.0.0.1)"
-    commands.add_parser("up", help=f"start {services}; register the deployments").set_defaults(func=cmd_up)
+    up_command = commands.add_parser("up", help=f"start {services}; register the deployments")
+    up_command.add_argument(
+        "--auth",
+        action="store_true",
+        help="basic auth on both servers (or FINETUNE_FLOWS_SERVICES_AUTH=true); credentials from "
+        "PREFECT_API_AUTH_STRING (user:password), MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+    )
+    up_command.set_defaults(func=cmd_up)
     commands.add_parser("down", help=f"stop {services} that `up` started").set_defaults(func=cmd_down)
     commands.add_parser("status", help="what `up` started: pids, URLs, health").set_defaults(func=cmd_status)
     gc = commands.add_parser("gc", help="report (with --yes: free) run folders no model version refers to")

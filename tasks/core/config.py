@@ -79,6 +79,12 @@ class FinetuneConfig(_Frozen):
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
+    resume: str | None = Field(
+        default=None,
+        description="Continue an interrupted run instead of starting one: its run folder name (under "
+        "<state>/runs) or MLflow run id. The other fields must equal the run's own (`finetune-flows resume RUN` "
+        "reads them from the run folder). Training continues from the last complete checkpoint.",
+    )
 
     @field_validator("scenario")
     @classmethod

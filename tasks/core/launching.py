@@ -21,6 +21,7 @@ from typing import cast
 from prefect import task
 from prefect.client.schemas.objects import FlowRun
 
+from finetune_flows.tasks.core.checkpoints import resume_point
 from finetune_flows.tasks.core.progress import prefect_progress_callback
 from finetune_flows.tasks.core.training import TrainRequest, TrainResult, train_tracked
 
@@ -34,7 +35,9 @@ def launch_distributed(request: TrainRequest) -> TrainResult:
     goes to this stage's log; the main process writes the result file read here.
     """
     run_dir = Path(request.run.run_dir)
-    if (run_dir / "checkpoints").exists():
+    if request.resume:
+        resume_point(run_dir / "checkpoints")  # set incomplete checkpoints aside before the ranks look
+    elif (run_dir / "checkpoints").exists():
         raise RuntimeError(f"{run_dir / 'checkpoints'} exists already: a run folder is never reused")
     request_path = run_dir / "train_request.json"
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")

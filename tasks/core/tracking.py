@@ -11,10 +11,13 @@ holds the tracking URI only redacted (``tracking_uri_redacted``); a stage reache
 
 from __future__ import annotations
 
+import fcntl
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -22,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from finetune_flows.plugins.errors import ConfigError
 from finetune_flows.tasks.core.secrets import guard, redact
 from finetune_flows.tasks.core.settings import get_settings
+
+RUN_RECORD = "run.json"
+_HELD: dict[str, IO[str]] = {}
 
 
 class RunConfig(Protocol):
@@ -75,17 +81,36 @@ def tracking_uri_for(run: RunInfo) -> str:
     return guard(uri)
 
 
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while touching it first: two first runs on a new state folder
+    would both create its tables ("table latest_metrics already exists"). Other stores need none."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(tracking_uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def configure_mlflow(tracking_uri: str, experiment: str, artifact_root: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    """Point MLflow at the store and make sure the experiment exists (the store created once, under a lock);
+    returns its id."""
     import mlflow
 
     mlflow.set_tracking_uri(guard(tracking_uri))
-    found = mlflow.get_experiment_by_name(experiment)
-    experiment_id = (
-        found.experiment_id
-        if found
-        else mlflow.create_experiment(experiment, artifact_location=f"{artifact_root.rstrip('/')}/{experiment}")
-    )
+    with store_lock(tracking_uri):
+        found = mlflow.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found
+            else mlflow.create_experiment(experiment, artifact_location=f"{artifact_root.rstrip('/')}/{experiment}")
+        )
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -111,17 +136,61 @@ def new_run_dir(runs_dir: Path, scenario: str) -> Path:
 
 
 def open_run(config: RunConfig, tracking_uri: str, artifact_root: str, runs_dir: Path) -> RunInfo:
-    """Create the run folder and an MLflow run tagged with the scenario and holding the config."""
+    """Create the run folder (held by this process, see ``hold_run_folder``) and an MLflow run tagged with the
+    scenario and holding the config; the folder keeps the config and the run's ids (``RUN_RECORD``) for a resume."""
     import mlflow
 
     experiment_id = configure_mlflow(tracking_uri, config.experiment_name, artifact_root)
     run_dir = new_run_dir(runs_dir, config.scenario)
+    hold_run_folder(run_dir)
     with mlflow.start_run(run_name=run_dir.name, tags={"scenario": config.scenario, "head": config.head_name}) as run:
         mlflow.log_params(flat_params(config.model_dump(mode="json")))
         mlflow.set_tag("run_dir", str(run_dir))
-    return RunInfo(
+    info = RunInfo(
         run_dir=str(run_dir), run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri_redacted=tracking_uri
     )
+    write_run_record(info, config)
+    return info
+
+
+class RunRecord(BaseModel):
+    """What a run folder keeps about its run (``<run_dir>/run.json``): enough to resume it."""
+
+    run: RunInfo
+    config: dict[str, Any]
+    """The flow's parameters as JSON (``model_dump(mode="json")``)."""
+    flow_run_ids: list[str] = []
+    """The Prefect flow runs that worked on this run folder, the first one first."""
+
+
+def write_run_record(run: RunInfo, config: RunConfig) -> None:
+    """Keep the run's ids, its config and this flow run's id in the run folder (``RUN_RECORD``)."""
+    from prefect.runtime import flow_run
+
+    path = Path(run.run_dir) / RUN_RECORD
+    known = RunRecord.model_validate_json(path.read_text(encoding="utf-8")).flow_run_ids if path.is_file() else []
+    current = [str(flow_run.id)] if flow_run.id else []
+    record = RunRecord(run=run, config=config.model_dump(mode="json"), flow_run_ids=[*known, *current])
+    path.write_text(record.model_dump_json(indent=2), encoding="utf-8")
+
+
+def hold_run_folder(run_dir: Path) -> None:
+    """Lock ``run_dir`` for as long as this process works on it (the kernel drops the lock when the process dies,
+    even by ``kill -9``): ``finetune-flows resume`` refuses a folder that is still held."""
+    handle = (run_dir / ".lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise ConfigError(f"run folder {run_dir} is in use by a live process: it cannot be resumed now") from exc
+    _HELD[str(run_dir)] = handle
+
+
+def release_run_folder(run: RunInfo) -> None:
+    """Drop the lock ``hold_run_folder`` took (the run ended, one way or another)."""
+    handle = _HELD.pop(run.run_dir, None)
+    if handle is not None:
+        handle.close()
 
 
 def tag_run(run: RunInfo, tags: dict[str, str]) -> None:
@@ -134,20 +203,29 @@ def tag_run(run: RunInfo, tags: dict[str, str]) -> None:
         client.log_batch(run.run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
 
 
-@task(name="fail-run")
-def fail_run(run: RunInfo, stage: str | None) -> None:
-    """Mark the run's MLflow run FAILED (and which stage failed): a pipeline that stops at any stage, ingest
-    included, is a failed run in MLflow, not a finished one."""
+def end_run(run: RunInfo, status: str, stage: str | None) -> None:
+    """End the run's MLflow run with ``status`` (FAILED, KILLED), naming the stage that was running."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri_for(run))
     if stage:
         client.set_tag(run.run_id, "failed_stage", stage)
-    client.set_terminated(run.run_id, status="FAILED")
+    client.set_terminated(run.run_id, status=status)
+
+
+@task(name="fail-run")
+def fail_run(run: RunInfo, stage: str | None) -> None:
+    """Mark the run's MLflow run FAILED (and which stage failed): a pipeline that stops at any stage, ingest
+    included, is a failed run in MLflow, not a finished one."""
+    end_run(run, "FAILED", stage)
 
 
 @task(name="start-run")
 def start_run(config: RunConfig) -> RunInfo:
-    """Open the MLflow run and the run folder that the later stages write to."""
+    """Open the MLflow run and the run folder that the later stages write to, once the store answers and the
+    folders can be written (``preflight.check_before_run``)."""
+    from finetune_flows.tasks.core.preflight import check_before_run
+
     settings = get_settings()
+    check_before_run(config, settings)
     return open_run(config, settings.tracking_uri, settings.artifact_root, settings.runs_dir)

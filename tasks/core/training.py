@@ -6,8 +6,10 @@ processes with torchrun (``training.processes``; DDP, gloo on CPU). ``python -m 
 request.json`` is the entry point each torchrun process runs.
 
 Early stopping on the scenario's metric, measured on the dataset's ``select`` split when it has one
-(so eval stays held out), else on ``eval``; checkpoints in the run folder (never overwritten; once
-training succeeded only those ``training.keep_checkpoints`` names stay),
+(so eval stays held out), else on ``eval``; checkpoints in the run folder (never overwritten; each
+marked complete when fully written, so a killed run resumes from the last complete one with
+Trainer's own resume, loading no pickles: ``resumable_trainer``; once training succeeded only those
+``training.keep_checkpoints`` names stay, without their resume state),
 bf16 autocast only where the hardware runs it fast, metrics streamed to the active MLflow run
 by Trainer's own MLflow callback, and extra callbacks (the Prefect progress artifact) passed in.
 """
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import HEADS
 from finetune_flows.tasks.classification.evaluation import classification_metrics
+from finetune_flows.tasks.core.checkpoints import drop_resume_state, resume_point
 from finetune_flows.tasks.core.config import (
     ClassWeighting,
     FinetuneConfig,
@@ -81,6 +84,8 @@ class TrainRequest(BaseModel):
     primary_metric: str
     run: RunInfo
     progress_key: str | None = None
+    resume: bool = False
+    """Continue the run folder's training from its last complete checkpoint (``finetune-flows resume``)."""
 
     @property
     def result_path(self) -> Path:
@@ -102,6 +107,7 @@ def fine_tune_request(
         primary_metric=config.primary_metric,
         run=run,
         progress_key=f"{config.scenario}-training-progress",
+        resume=config.resume is not None,
     )
 
 
@@ -129,12 +135,16 @@ def train_model(
     primary_metric: str,
     callbacks: list[Any] | None = None,
     report_to_mlflow: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
     """Fine-tune the encoder at ``model_dir`` with ``head_name``'s model, batches and options; the best (or, for a
-    head that does not evaluate while training, the last) model lands in ``run_dir/model``."""
+    head that does not evaluate while training, the last) model lands in ``run_dir/model``. With ``resume``,
+    training continues from the last complete checkpoint in ``run_dir`` (from the start when there is none)."""
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments, set_seed
+
+    from finetune_flows.tasks.core.resumable_trainer import ResumableTrainer
 
     set_seed(config.seed)
     head = HEADS.get(head_name)
@@ -164,10 +174,11 @@ def train_model(
     if balanced:
         logger.info("class weights: %s", dict(zip(id2label.values(), weights.tolist(), strict=True)))
 
-    # A run folder is never reused; under torchrun every rank makes the folder (the launcher checked it was new).
+    # A run folder is never reused but to resume; under torchrun every rank makes the folder (the launcher checked).
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     checkpoints = run_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=world_size > 1)
+    start = resume_point(checkpoints) if resume else None  # under torchrun the launcher set incomplete ones aside
+    checkpoints.mkdir(parents=True, exist_ok=resume or world_size > 1)
     options: dict[str, Any] = dict(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs,
@@ -188,7 +199,7 @@ def train_model(
         save_strategy="steps",
         save_steps=config.eval_every_steps,
         save_total_limit=None if config.keep_checkpoints is KeepCheckpoints.ALL else 2,
-        save_only_model=True,
+        save_only_model=False,  # optimizer, scheduler and RNG states too: a killed run resumes exactly
         load_best_model_at_end=True,
         metric_for_best_model=primary_metric,
         greater_is_better=True,
@@ -202,7 +213,7 @@ def train_model(
     args = TrainingArguments(**{**options, **head.trainer_options()})
     evaluates = args.eval_strategy != "no"
     stopping = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)]
-    trainer = Trainer(
+    trainer = ResumableTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -221,7 +232,9 @@ def train_model(
         config.layer_lr_decay, config.label_smoothing,
         f"{chooser} ({len(eval_set)} rows)" if chooser and evaluates else "nothing (the last is kept)",
     )  # fmt: skip
-    output = trainer.train()
+    if start is not None:
+        logger.info("resuming from %s", start)
+    output = trainer.train(resume_from_checkpoint=str(start) if start else None)
     # The evaluate stage scores the final model in full; here keep the last in-training evaluation.
     evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     last_eval = evaluations[-1] if evaluations else {}
@@ -236,6 +249,7 @@ def train_model(
         removed = prune_checkpoints(checkpoints, trainer.state.best_model_checkpoint, config.keep_checkpoints)
         if removed:
             logger.info("removed %d checkpoints (keep_checkpoints=%s)", len(removed), config.keep_checkpoints.value)
+        drop_resume_state(checkpoints)  # a finished training is not resumed: keep the models only
     return TrainResult(
         model_dir=str(final_dir),
         precision=precision.value,
@@ -263,6 +277,9 @@ def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> 
     if get_settings().torch_threads:
         torch.set_num_threads(get_settings().torch_threads)
     main_process = int(os.environ.get("RANK", "0")) == 0
+    if request.resume and request.result_path.is_file() and (Path(request.run.run_dir) / "model").is_dir():
+        logger.info("training of run %s had finished: keeping its model", request.run.run_id)
+        return TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
 
     def train() -> TrainResult:
         return train_model(
@@ -275,6 +292,7 @@ def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> 
             request.primary_metric,
             callbacks=callbacks,
             report_to_mlflow=main_process,
+            resume=request.resume,
         )
 
     if not main_process:

@@ -136,7 +136,8 @@ def register_version(
         margin=config.registration.promotion_margin,
         tags=tags,
         rescore=rescore,
-        idempotency_key=config.registration.idempotency_key,
+        # Without a key of its own, a run registers at most one version: a resumed run gets the one it published.
+        idempotency_key=config.registration.idempotency_key or f"mlflow-run:{run.run_id}",
     )
     create_markdown_artifact(
         key=f"{config.scenario}-registration",

@@ -1,0 +1,170 @@
+"""A killed training resumes (issue 11, item 1): from the last complete checkpoint, to the same weights, loading
+no pickles; a checkpoint cut off mid-write is set aside, never loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_flows.plugins import SCENARIOS, ConfigError
+from finetune_flows.tasks.core.checkpoints import MARKER, incomplete_reason, resume_point, write_marker
+from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.tokenization import tokenize_dataset
+
+# The training a test kills: run in a subprocess, so that SIGKILL is real. STEP_DELAY slows each step down so the
+# test can kill between checkpoints; KILL_IN_SAVE_AT makes the process SIGKILL itself while it writes the
+# checkpoint of that step (the model written, the optimizer state half-written, no completion marker).
+TRAIN_SCRIPT = """
+import json, logging, os, signal, sys, time
+from pathlib import Path
+from transformers import TrainerCallback
+from finetune_flows.tasks.core.config import TrainingConfig
+from finetune_flows.tasks.core.resumable_trainer import ResumableTrainer
+from finetune_flows.tasks.core.training import train_model
+
+logging.basicConfig(level=logging.INFO, force=True)
+job = json.loads(sys.argv[1])
+delay, kill_at = float(os.environ.get("STEP_DELAY", "0")), int(os.environ.get("KILL_IN_SAVE_AT", "0"))
+
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(delay)
+
+save_optimizer = ResumableTrainer._save_optimizer_and_scheduler
+def killed_mid_save(self, output_dir):
+    if self.state.global_step == kill_at:
+        Path(output_dir, "optimizer.safetensors").write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_optimizer(self, output_dir)
+ResumableTrainer._save_optimizer_and_scheduler = killed_mid_save
+
+result = train_model(Path(job["tokens"]), Path(job["model"]), "sequence-classification", {0: "negative", 1: "positive"},
+                     TrainingConfig.model_validate(job["training"]), Path(job["run"]), "accuracy",
+                     callbacks=[Slow()], resume=job["resume"])
+print("RESULT", result.model_dump_json())
+"""
+
+TRAINING = dict(max_steps=12, batch_size=8, eval_every_steps=2, learning_rate=1e-3, warmup_ratio=0.1,
+                early_stopping_patience=100, keep_checkpoints="all")  # fmt: skip
+
+
+@pytest.fixture
+def tokens(tiny_model_dir: Path, sentiment_files: tuple[Path, Path], tmp_path: Path) -> Path:
+    data = ingest_files(*sentiment_files, SCENARIOS.get("sentiment"), IngestOptions(), tmp_path / "cache")
+    result = tokenize_dataset(
+        Path(data.dataset_dir), tiny_model_dir, data.data_hash, 32, "sequence-classification", tmp_path / "cache"
+    )
+    return Path(result.tokenized_dir)
+
+
+def start(job: dict[str, object], **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(job)], env={**os.environ, **env, "TQDM_DISABLE": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return err
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_a_run_killed_twice_resumes_to_the_weights_of_an_uninterrupted_one(tokens, tiny_model_dir, tmp_path) -> None:
+    job = {"tokens": str(tokens), "model": str(tiny_model_dir), "training": TRAINING, "resume": False}
+    finish(start({**job, "run": str(tmp_path / "straight")}))
+
+    run = tmp_path / "killed"
+    killed = start({**job, "run": str(run)}, STEP_DELAY="0.4")
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "checkpoint-4" / MARKER).is_file():  # kill -9 once step 4 is saved
+        assert killed.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=30)
+    assert killed.returncode == -signal.SIGKILL and not (run / "model").exists()
+
+    # The resume is killed in turn, while writing a checkpoint two saves later: it must not be loaded.
+    cut = start({**job, "run": str(run), "resume": True}, KILL_IN_SAVE_AT="8")
+    cut.communicate(timeout=300)
+    assert cut.returncode == -signal.SIGKILL
+    assert incomplete_reason(run / "checkpoints" / "checkpoint-8") == "no completion marker (the save was cut off)"
+    assert incomplete_reason(run / "checkpoints" / "checkpoint-6") is None
+
+    log = finish(start({**job, "run": str(run), "resume": True}))
+    assert "checkpoint-8 is incomplete (no completion marker (the save was cut off)): set aside as " in log
+    assert f"resuming from {run / 'checkpoints' / 'checkpoint-6'}" in log
+    assert (run / "checkpoints" / "incomplete-checkpoint-8").is_dir()  # kept for a look, never loaded
+
+    straight, resumed = weights(tmp_path / "straight"), weights(run)
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+    first = load_file(tiny_model_dir / "model.safetensors")["embeddings.word_embeddings.weight"]
+    assert not torch.equal(first, resumed["bert.embeddings.word_embeddings.weight"])  # it did train
+
+
+def test_checkpoints_hold_no_pickles_and_a_finished_training_keeps_only_models(tokens, tiny_model_dir, tmp_path):
+    job = {"tokens": str(tokens), "model": str(tiny_model_dir), "training": {**TRAINING, "max_steps": 4},
+           "resume": False, "run": str(tmp_path / "run")}  # fmt: skip
+    killed = start(job, KILL_IN_SAVE_AT="4")
+    killed.communicate(timeout=300)
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["config.json", MARKER, "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                     "rng_state.json", "rng_state.safetensors", "scheduler.json", "tokenizer.json",
+                     "tokenizer_config.json", "trainer_state.json"]  # fmt: skip
+
+    finish(start({**job, "resume": True}))
+    for step in (2, 4):  # the training finished: the resume state is gone, the models stay, still marked complete
+        kept = tmp_path / "run" / "checkpoints" / f"checkpoint-{step}"
+        assert sorted(p.name for p in kept.iterdir()) == ["config.json", MARKER, "model.safetensors", "tokenizer.json",
+                                                          "tokenizer_config.json", "trainer_state.json"]  # fmt: skip
+        assert incomplete_reason(kept) is None
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_with_a_pickle_in_it_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "rng_state.pth").write_bytes(pickle.dumps(Exploit()))
+    write_marker(folder, 2)
+    with pytest.raises(ConfigError, match=r"checkpoint .*checkpoint-2 holds pickle files \(rng_state.pth\): "):
+        resume_point(tmp_path / "checkpoints")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_file_changed_after_the_marker_makes_the_checkpoint_incomplete(tmp_path: Path) -> None:
+    folders = [tmp_path / f"checkpoint-{step}" for step in (2, 4, 6)]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        write_marker(folder, int(folder.name[11:]))
+    (folders[2] / "model.safetensors").write_bytes(b"truncat")  # same size: still complete
+    assert incomplete_reason(folders[2]) is None
+    (folders[2] / "model.safetensors").write_bytes(b"trunc")
+    (folders[1] / MARKER).unlink()
+    assert incomplete_reason(folders[2]) == "model.safetensors has 5 bytes, the marker says 7"
+    assert resume_point(tmp_path) == folders[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-2", "incomplete-checkpoint-4", "incomplete-checkpoint-6"
+    ]  # fmt: skip
