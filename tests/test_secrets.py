@@ -47,6 +47,10 @@ CANARY = "CANARY-s3cr3t-7f1e"
         ("sqlite:////tmp/state/mlflow.db", "sqlite:////tmp/state/mlflow.db"),
         ("http://127.0.0.1:5000/#/models/m", "http://127.0.0.1:5000/#/models/m"),
         ("mail me at someone@example.org", "mail me at someone@example.org"),
+        (f"https://host/api?token={CANARY}&x=1", "https://host/api?token=***&x=1"),
+        (f"see http://h/?x=1&Access_Token={CANARY}; then", "see http://h/?x=1&Access_Token=***; then"),
+        (f"https://h/a?api_key={CANARY}#top", "https://h/a?api_key=***#top"),
+        ("https://h/a?monkey=banana&tokens_left=3", "https://h/a?monkey=banana&tokens_left=3"),
     ],
 )
 def test_redact_hides_the_credentials_of_every_uri_in_a_text(text, expected) -> None:

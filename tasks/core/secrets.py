@@ -2,13 +2,14 @@
 
 The MLflow tracking URI (``FINETUNE_FLOWS_MLFLOW_TRACKING_URI``) may carry a user and password
 (``http://user:pw@host/``), a token (``https://TOKEN@host/``) or database credentials
-(``postgresql://u:pw@db/x``). The design:
+(``postgresql://u:pw@db/x``), or a query parameter may (``https://host/?token=T``). The design:
 
 - Only ``Settings.tracking_uri`` (the environment) holds the real URI. Nothing Prefect stores gets it:
   ``RunInfo`` (a parameter of every stage and of the ``train`` subflow / deployment) carries the
   redacted form, and each stage reads the real one from its own environment
   (``tracking.tracking_uri_for``), so a handed-off run gets it from its worker's environment.
-- ``redact`` replaces the userinfo of every ``scheme://userinfo@`` in a text with ``***``: MLflow
+- ``redact`` replaces the userinfo of every ``scheme://userinfo@`` in a text with ``***``, and the
+  value of a secret-named query parameter (``token``, ``access_token``, ``api_key``, ``sig``, ...): MLflow
   params and tags, the registration artifact's link, a failed flow's state message and the CLI's
   error line all go through it.
 - ``install_log_redaction`` makes every log record of the process redacted at creation (a record
@@ -40,14 +41,22 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 # scheme "://" userinfo "@": userinfo runs up to the last "@" before the path, query or fragment
 URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#]+)@")
 REDACTED = "***"
+# a query parameter that carries a secret: ?token=..., &access_token=..., ?api_key=..., ?password=..., ?sig=...
+QUERY_SECRETS = r"(?:access_?token|token|api_?key|apikey|key|secret|password|passwd|pwd|sig|signature|auth|credential)"
+QUERY_CREDENTIALS = re.compile(rf"(?P<key>(?<=[?&;]){QUERY_SECRETS})=[^\s&#;'\"]+", re.IGNORECASE)
 MLFLOW_MUTE_VARIABLE = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def redact(text: str) -> str:
-    """``text`` with the credentials of every URI in it replaced: ``http://u:pw@host/`` -> ``http://***@host/``."""
-    if "@" not in text or "://" not in text:
+    """``text`` with the credentials of every URI in it replaced: ``http://u:pw@host/`` -> ``http://***@host/``,
+    ``https://host/?token=T`` -> ``https://host/?token=***`` (``QUERY_SECRETS`` names the query keys)."""
+    if "://" not in text:
         return text
-    return URI_CREDENTIALS.sub(lambda match: f"{match['scheme']}{REDACTED}@", text)
+    if "@" in text:
+        text = URI_CREDENTIALS.sub(lambda match: f"{match['scheme']}{REDACTED}@", text)
+    if "=" in text:
+        text = QUERY_CREDENTIALS.sub(lambda match: f"{match['key']}={REDACTED}", text)
+    return text
 
 
 def has_credentials(text: str) -> bool:
