@@ -15,16 +15,17 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.flows.train import run_training, train_stage
 from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.data_preparation import ingest_data, prepare_data
 from finetune_flows.tasks.core.evaluating import eval_request, evaluate_model
 from finetune_flows.tasks.core.failures import failing_stage, stage_failed
-from finetune_flows.tasks.core.ingestion import IngestResult, ingest_data, prepare_data
+from finetune_flows.tasks.core.ingestion import IngestResult
 from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
 from finetune_flows.tasks.core.model_source import fetch_model
 from finetune_flows.tasks.core.resuming import reopen_run
 from finetune_flows.tasks.core.stages import StageContext, run_before_register
 from finetune_flows.tasks.core.tokenization import tokenize_data
 from finetune_flows.tasks.core.tracking import RunInfo, end_run, fail_run, release_run_folder, start_run
-from finetune_flows.tasks.core.training import fine_tune_request
+from finetune_flows.tasks.core.train_request import fine_tune_request
 from finetune_flows.tasks.export.model_export import export_model
 from finetune_flows.tasks.publishing.stage import register_version
 

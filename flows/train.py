@@ -18,7 +18,7 @@ from prefect import flow
 
 from finetune_flows.tasks.core.failures import stage_failed
 from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
-from finetune_flows.tasks.core.training import TrainRequest, TrainResult
+from finetune_flows.tasks.core.train_request import TrainRequest, TrainResult
 
 
 @flow(name="train", log_prints=False)

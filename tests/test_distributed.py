@@ -18,7 +18,7 @@ from finetune_flows.tasks.core.launching import launch_distributed
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tokenization import tokenize_dataset
 from finetune_flows.tasks.core.tracking import RunInfo
-from finetune_flows.tasks.core.training import TrainRequest
+from finetune_flows.tasks.core.train_request import TrainRequest
 
 
 def test_two_cpu_processes_train_one_model(state_dir, tiny_model_dir, sentiment_files, tmp_path, caplog) -> None:

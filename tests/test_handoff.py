@@ -17,7 +17,7 @@ import pytest
 
 from finetune_flows.flows.finetune import finetune
 from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.training import RESULT_FILE, TrainResult
+from finetune_flows.tasks.core.train_request import RESULT_FILE, TrainResult
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 from tests.test_recommender_flow import config_for as recommender_config
 

@@ -14,9 +14,10 @@ import pytest
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.plugins.specs import DataLayout, Scenario, ScenarioBase
+from finetune_flows.tasks.core.data_checks import clean_rows, resolve_columns
 from finetune_flows.tasks.core.ingestion import IngestOptions, IngestResult, ingest_files
 from finetune_flows.tasks.core.splits import stratified_split
-from finetune_flows.tasks.core.tables import clean_rows, read_table, resolve_columns
+from finetune_flows.tasks.core.tables import read_table
 from tests.conftest import NEGATIVE, POSITIVE, write_tsv
 
 SST2_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "sst2" / "dev.tsv"

@@ -15,9 +15,10 @@ import pytest
 
 from finetune_flows.plugins import SCENARIOS, ConfigError, DataError
 from finetune_flows.tasks.core.config import FinetuneConfig, parse_overrides
+from finetune_flows.tasks.core.data_checks import clean_rows
 from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 from finetune_flows.tasks.core.sections import RegistrationConfig
-from finetune_flows.tasks.core.tables import clean_rows, read_table
+from finetune_flows.tasks.core.tables import read_table
 from tests.conftest import NEGATIVE, POSITIVE, run_cli, services_environment, write_tsv
 
 ROWS = [(t, "1") for t in POSITIVE] + [(t, "0") for t in NEGATIVE]

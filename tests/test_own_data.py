@@ -21,7 +21,8 @@ import pytest
 
 from finetune_flows.plugins import SCENARIOS, ConfigError, DataError
 from finetune_flows.tasks.core.config import FinetuneConfig, parse_overrides
-from finetune_flows.tasks.core.ingestion import data_files, ingest_files, ingest_options
+from finetune_flows.tasks.core.data_preparation import data_files, ingest_options
+from finetune_flows.tasks.core.ingestion import ingest_files
 from tests.conftest import NEGATIVE, POSITIVE, run_cli, services_environment, write_tsv
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from finetune_flows.flows.finetune import finetune
 from finetune_flows.flows.recommend import recommend
 from finetune_flows.plugins import DataError, PromotionError
 from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.training import RESULT_FILE, TrainResult
+from finetune_flows.tasks.core.train_request import RESULT_FILE, TrainResult
 from finetune_flows.tasks.ranking.recommending import RecommendConfig
 from tests.conftest import COOKING, SPACE
 

@@ -18,7 +18,8 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from finetune_flows.flows.cli.services import PREFECT_YAML, ROOT, ServiceRecord, group_members, is_healthy, work_pools
+from finetune_flows.flows.cli.processes import group_members, is_healthy
+from finetune_flows.flows.cli.services import PREFECT_YAML, ROOT, ServiceRecord, work_pools
 from tests.conftest import free_port, services_environment
 from tests.conftest import run_cli as cli
 
@@ -126,7 +127,8 @@ def test_down_stops_every_process_of_ours(services: dict[str, str]) -> None:
 def test_a_taken_port_is_named_with_the_setting_that_moves_it(tmp_path: Path) -> None:
     import socket
 
-    from finetune_flows.flows.cli.services import ServiceError, read_record, up
+    from finetune_flows.flows.cli.processes import ServiceError
+    from finetune_flows.flows.cli.services import read_record, up
     from finetune_flows.tasks.core.settings import Settings
 
     with socket.socket() as taken:
@@ -144,7 +146,7 @@ def test_a_service_that_never_answers_is_named_with_its_log(tmp_path: Path) -> N
     import subprocess
     import time
 
-    from finetune_flows.flows.cli.services import Service, ServiceError, _wait_healthy
+    from finetune_flows.flows.cli.processes import Service, ServiceError, wait_healthy
 
     with subprocess.Popen(["sleep", "30"], start_new_session=True) as sleeper:
         service = Service(name="mlflow-server", pid=sleeper.pid, log=str(tmp_path / "mlflow-server.log"),
@@ -153,7 +155,7 @@ def test_a_service_that_never_answers_is_named_with_its_log(tmp_path: Path) -> N
             with pytest.raises(
                 ServiceError, match=r"mlflow-server did not answer .*/health in time .*mlflow-server\.log"
             ):
-                _wait_healthy(service, time.monotonic() + 1)
+                wait_healthy(service, time.monotonic() + 1)
         finally:
             sleeper.kill()
 
@@ -236,8 +238,8 @@ def auth_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServ
 
 
 def get(url: str, user_password: str | None = None) -> int | None:
+    from finetune_flows.flows.cli.processes import http_status
     from finetune_flows.flows.cli.service_auth import basic_authorization
-    from finetune_flows.flows.cli.services import http_status
 
     return http_status(url, basic_authorization(user_password) if user_password else None, timeout=10)
 

@@ -5,7 +5,8 @@ registers its deployments and records what it started in ``<state>/services/serv
 ``status`` reads that record and checks it; ``down`` stops exactly the recorded process groups.
 Each service's log is ``<state>/services/<name>.log``. Prefect's database, the MLflow store and its
 artifact folder are the state folder's own, so runs and models made by ``finetune-flows run``, by
-the workers, or by an earlier ``up`` are all found again. Process groups are read from /proc (Linux).
+the workers, or by an earlier ``up`` are all found again. ``processes`` starts, probes and stops
+the process groups (read from /proc, Linux).
 
 With ``auth`` (``up --auth`` or ``FINETUNE_FLOWS_SERVICES_AUTH=true``) both servers require basic
 auth and every client ``up`` starts gets the credentials in its environment (see ``service_auth``);
@@ -14,22 +15,29 @@ the health endpoints stay public, so ``status`` and ``down`` work the same.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
 
+from finetune_flows.flows.cli.processes import (
+    HOST,
+    Service,
+    ServiceError,
+    check_port_free,
+    http_status,
+    is_alive,
+    is_healthy,
+    spawn,
+    stop_group,
+    wait_healthy,
+)
 from finetune_flows.flows.cli.service_auth import (
     MLFLOW_PASSWORD_VARIABLE,
     MLFLOW_USERNAME_VARIABLE,
@@ -39,28 +47,12 @@ from finetune_flows.flows.cli.service_auth import (
     basic_authorization,
     write_mlflow_auth_config,
 )
-from finetune_flows.plugins import FinetuneFlowsError
 from finetune_flows.tasks.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (deployments/ is not packaged)
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
-HOST = "127.0.0.1"
-
-
-class ServiceError(FinetuneFlowsError):
-    """A service did not start, did not become healthy, or its port is taken."""
-
-
-class Service(BaseModel):
-    """One process group that ``up`` started (the group id is the leader's pid)."""
-
-    name: str
-    pid: int
-    log: str
-    url: str | None = None
-    health_url: str | None = None
 
 
 class ServiceRecord(BaseModel):
@@ -96,83 +88,6 @@ def work_pools(prefect_yaml: Path = PREFECT_YAML) -> list[str]:
     spec = yaml.safe_load(prefect_yaml.read_text(encoding="utf-8")) or {}
     names = [d["work_pool"]["name"] for d in spec.get("deployments") or [] if d.get("work_pool")]
     return list(dict.fromkeys(names))
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status of ``pid`` if it is our own child (it is when ``up`` ran in this process)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, as /proc lists them (Linux)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):  # the process ended while we looked
-            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()  # after "pid (command)"
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(stat.parent.name))
-    return members
-
-
-def is_alive(pid: int) -> bool:
-    """Whether ``pid`` runs and still leads its own process group (so it is the one ``up`` started)."""
-    _reap(pid)
-    return pid in group_members(pid)
-
-
-def http_status(url: str, authorization: str | None = None, timeout: float = 2.0) -> int | None:
-    """The status of GET ``url`` (without any proxy, with ``authorization`` if given); None: no answer."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, headers={"Authorization": authorization} if authorization else {})
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return None
-
-
-def is_healthy(url: str | None, timeout: float = 2.0) -> bool:
-    """GET ``url`` (without any proxy) answers 200."""
-    return url is not None and http_status(url, timeout=timeout) == 200
-
-
-def _check_port_free(port: int, setting: str) -> None:
-    with socket.socket() as sock:
-        # As the servers bind (SO_REUSEADDR): connections of a just-stopped server in TIME_WAIT do not count.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError as exc:
-            message = f"port {HOST}:{port} is in use ({exc.strerror}); stop what listens there or set {setting}"
-            raise ServiceError(message) from exc
-
-
-def _spawn(name: str, argv: list[str], env: dict[str, str], folder: Path) -> int:
-    """Start ``argv`` in a new session (its own process group), output to ``<folder>/<name>.log``."""
-    log = folder / f"{name}.log"
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ]
-    pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-    logger.info("started %s (pid %d), log %s", name, pid, log)
-    return pid
-
-
-def _wait_healthy(service: Service, deadline: float) -> None:
-    while not is_healthy(service.health_url):
-        if not is_alive(service.pid):
-            raise ServiceError(f"{service.name} exited before it became healthy; see its log {service.log}")
-        if time.monotonic() > deadline:
-            timeout = "FINETUNE_FLOWS_SERVICE_TIMEOUT"
-            raise ServiceError(
-                f"{service.name} did not answer {service.health_url} in time ({timeout}); see {service.log}"
-            )
-        time.sleep(0.5)
 
 
 def service_env(
@@ -275,8 +190,8 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML, auth: bool | None 
             return record, False
         logger.warning("a recorded service is down; stopping the rest and starting afresh")
         down(settings)
-    _check_port_free(settings.prefect_port, "FINETUNE_FLOWS_PREFECT_PORT")
-    _check_port_free(settings.mlflow_port, "FINETUNE_FLOWS_MLFLOW_PORT")
+    check_port_free(settings.prefect_port, "FINETUNE_FLOWS_PREFECT_PORT")
+    check_port_free(settings.mlflow_port, "FINETUNE_FLOWS_MLFLOW_PORT")
     folder = record_path(settings).parent
     folder.mkdir(parents=True, exist_ok=True)
     prefect_url, mlflow_url = f"http://{HOST}:{settings.prefect_port}", f"http://{HOST}:{settings.mlflow_port}"
@@ -298,7 +213,7 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML, auth: bool | None 
         health: str | None = None,
         extra: dict[str, str] | None = None,  # the environment of this service only
     ) -> Service:
-        pid = _spawn(name, argv, {**env, **(extra or {})}, folder)
+        pid = spawn(name, argv, {**env, **(extra or {})}, folder)
         service = Service(name=name, pid=pid, log=str(folder / f"{name}.log"), url=url, health_url=health)
         record.services.append(service)
         record_path(settings).write_text(record.model_dump_json(indent=2), encoding="utf-8")
@@ -318,7 +233,7 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML, auth: bool | None 
         ]
         deadline = time.monotonic() + settings.service_timeout
         for server in servers:
-            _wait_healthy(server, deadline)
+            wait_healthy(server, deadline)
         if credentials:
             _check_auth(servers[0], f"{prefect_url}/api/admin/version",
                         basic_authorization(credentials.prefect_auth_string.get_secret_value()),
@@ -352,33 +267,12 @@ def status(settings: Settings) -> list[ServiceStatus]:
     return [check(s) for s in record.services] if record else []
 
 
-def _stop_group(service: Service, grace: float) -> None:
-    """SIGTERM the service's process group, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    _reap(service.pid)
-    if not group_members(service.pid):
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(service.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            _reap(service.pid)
-            if not group_members(service.pid):
-                logger.info("stopped %s (pid %d)", service.name, service.pid)
-                return
-            time.sleep(0.2)
-        logger.warning("%s (pid %d) still runs after %s", service.name, service.pid, sig.name)
-    raise ServiceError(f"could not stop {service.name} (process group {service.pid}); see its log {service.log}")
-
-
 def down(settings: Settings, grace: float = 20.0) -> list[Service]:
     """Stop the recorded process groups (workers first, the servers last) and remove the record."""
     record = read_record(settings)
     if record is None:
         return []
     for service in reversed(record.services):
-        _stop_group(service, grace)
+        stop_group(service, grace)
     record_path(settings).unlink()
     return record.services

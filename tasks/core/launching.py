@@ -23,7 +23,8 @@ from prefect.client.schemas.objects import FlowRun
 
 from finetune_flows.tasks.core.checkpoints import resume_point
 from finetune_flows.tasks.core.progress import prefect_progress_callback
-from finetune_flows.tasks.core.training import TrainRequest, TrainResult, train_tracked
+from finetune_flows.tasks.core.train_request import TrainRequest, TrainResult
+from finetune_flows.tasks.core.training import train_tracked
 
 logger = logging.getLogger(__name__)
 

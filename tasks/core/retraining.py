@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.tasks.core.config import FinetuneConfig, RetrainConfig, validated
-from finetune_flows.tasks.core.ingestion import label_map_of
+from finetune_flows.tasks.core.data_checks import clean_rows, resolve_columns
+from finetune_flows.tasks.core.data_preparation import label_map_of
 from finetune_flows.tasks.core.secrets import guard
 from finetune_flows.tasks.core.settings import get_settings
-from finetune_flows.tasks.core.tables import clean_rows, file_sha256, read_table, resolve_columns
+from finetune_flows.tasks.core.tables import file_sha256, read_table
 from finetune_flows.tasks.publishing.registry import champion_version, version_with_key
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Stage 3, fine-tune: HF Trainer with dynamic padding, length grouping and fused AdamW.
 
-The stage takes a ``TrainRequest`` (paths, URIs and small models only), so it can run in the
+The stage takes a ``TrainRequest`` (``train_request``: paths, URIs and small models only), so it can run in the
 pipeline's own process, as a flow on another work pool (``flows/train.py``), or across several
 processes with torchrun (``training.processes``; DDP, gloo on CPU). ``python -m tasks.training
 request.json`` is the entry point each torchrun process runs.
@@ -23,101 +23,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from finetune_flows.plugins import HEADS
 from finetune_flows.tasks.classification.evaluation import classification_metrics
 from finetune_flows.tasks.core.checkpoints import drop_resume_state, resume_point
-from finetune_flows.tasks.core.config import (
-    ClassWeighting,
-    FinetuneConfig,
-    InfrastructureConfig,
-    KeepCheckpoints,
-    Precision,
-    TrainingConfig,
-)
+from finetune_flows.tasks.core.config import ClassWeighting, KeepCheckpoints, Precision, TrainingConfig
 from finetune_flows.tasks.core.housekeeping import prune_checkpoints
 from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
-from finetune_flows.tasks.core.stages import PreparedData
-from finetune_flows.tasks.core.tokenization import TokenizeResult
-from finetune_flows.tasks.core.tracking import RunInfo
+from finetune_flows.tasks.core.train_request import TrainRequest, TrainResult, checkpoint_split
 from finetune_flows.tasks.core.training_options import balanced_class_weights, choose_precision, layerwise_optimizer
 
 logger = logging.getLogger(__name__)
-
-RESULT_FILE = "train_result.json"
-
-
-class TrainResult(BaseModel):
-    """The trained checkpoint and what training measured."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_dir: str
-    precision: str
-    steps: int
-    epochs: float
-    train_seconds: float
-    train_samples_per_second: float
-    best_metric: float | None
-    eval_metrics: dict[str, float]
-    """The last evaluation during training (empty when training ended before the first one)."""
-    world_size: int = 1
-    """Processes that trained together (DDP); 1 without torchrun."""
-    weights_checksum: float = 0.0
-    """Sum of all final weights (float64): equal across the ranks of one DDP run, and across runs that agree."""
-    checkpoint_split: str | None = "eval"
-    """The split that chose the checkpoint and stopped training early ("select" or "eval"); None: the last one."""
-
-
-class TrainRequest(BaseModel):
-    """Everything the training stage needs, as paths, URIs and small models: a deployment can take it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    tokenized_dir: str
-    model_dir: str
-    head: str
-    id2label: dict[int, str]
-    training: TrainingConfig
-    infrastructure: InfrastructureConfig = InfrastructureConfig()
-    primary_metric: str
-    run: RunInfo
-    progress_key: str | None = None
-    resume: bool = False
-    """Continue the run folder's training from its last complete checkpoint (``finetune-flows resume``)."""
-
-    @property
-    def result_path(self) -> Path:
-        """Where the stage leaves its ``TrainResult`` (next to the checkpoints, on shared storage)."""
-        return Path(self.run.run_dir) / RESULT_FILE
-
-
-def fine_tune_request(
-    tokens: TokenizeResult, data: PreparedData, model_dir: str, config: FinetuneConfig, run: RunInfo
-) -> TrainRequest:
-    """The training stage's input, built from what the earlier stages returned."""
-    return TrainRequest(
-        tokenized_dir=tokens.tokenized_dir,
-        model_dir=model_dir,
-        head=config.head_name,
-        id2label=data.id2label,
-        training=config.training,
-        infrastructure=config.infrastructure,
-        primary_metric=config.primary_metric,
-        run=run,
-        progress_key=f"{config.scenario}-training-progress",
-        resume=config.resume is not None,
-    )
-
-
-def checkpoint_split(head_name: str, has_select: bool) -> str | None:
-    """Which split chooses ``head_name``'s checkpoint (and stops training early): "select" when the dataset has a
-    selection split, else "eval"; None for a head that does not evaluate while training (the last model is kept)."""
-    options = HEADS.get(head_name).trainer_options()
-    if options.get("eval_strategy", "steps") == "no" or not options.get("load_best_model_at_end", True):
-        return None
-    return "select" if has_select else "eval"
 
 
 def weights_checksum(model: Any) -> float:

@@ -25,7 +25,7 @@ from finetune_flows.tasks.core.model_source import HF_SUBDIR
 from finetune_flows.tasks.core.stages import PreparedData, StageOutput
 from finetune_flows.tasks.core.tokenization import TokenizeResult
 from finetune_flows.tasks.core.tracking import RunInfo
-from finetune_flows.tasks.core.training import checkpoint_split
+from finetune_flows.tasks.core.train_request import checkpoint_split
 from finetune_flows.tasks.export.onnx_graph import ExportResult
 from finetune_flows.tasks.publishing.promotion import NotComparable
 from finetune_flows.tasks.publishing.registration import (

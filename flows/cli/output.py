@@ -1,0 +1,73 @@
+"""What the ``finetune-flows`` commands write on stdout once a flow has finished.
+
+``run`` and ``resume`` print the run's summary (and its reports), ``monitor`` its records and
+alerts, ``recommend`` the first users' lists. Nothing heavy is imported here, so the command line
+still lists plugins without torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def write_summary(summary: Any) -> None:
+    """The ``FinetuneSummary`` of a finished run, on stdout."""
+    out = sys.stdout
+    out.write("\n=== finetune-flows: run complete ===\n")
+    out.write(f"registered model : {summary.model_name}\n")
+    out.write(f"version          : {summary.version}\n")
+    out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
+    out.write(f"promotion        : {summary.decision}\n")
+    out.write(f"data             : {summary.data_summary}\n")
+    if summary.splits and summary.splits != summary.data_summary:
+        out.write(f"splits           : {summary.splits}\n")
+    if summary.eval_note:
+        out.write(f"eval figures     : {summary.eval_note}\n")
+    for key, value in summary.metrics.items():
+        label = f"test {key.removeprefix('test_')}" if key.startswith("test_") else f"eval {key}"
+        out.write(f"{label:<17}: {value:.4f}\n")
+    out.write(f"ONNX             : {summary.onnx_path}\n")
+    out.write(f"training time    : {summary.train_seconds:.0f} s\n")
+    out.write(
+        f"cache            : ingest {'reused' if summary.reused_ingest else 'built'}, "
+        f"tokens {'reused' if summary.reused_tokens else 'built'}\n"
+    )
+    for report in summary.reports:
+        out.write("\n" + Path(report).read_text(encoding="utf-8"))
+
+
+def write_monitor_summary(summary: Any, config: Any) -> None:
+    """The ``MonitorSummary`` of a finished ``monitor`` run, for its ``MonitorConfig``, on stdout."""
+    out = sys.stdout
+    out.write("\n=== finetune-flows: monitor run complete ===\n")
+    out.write(f"records          : {summary.records_read} read, {summary.bad_records} bad, ")
+    out.write(f"{summary.new_records} new, {summary.duplicates_skipped} already stored\n")
+    out.write(f"model version    : {config.model_name} v{summary.model_version} (@{config.alias})\n")
+    out.write(f"alerts           : {len(summary.alerts)}\n")
+    for alert in summary.alerts:
+        out.write(
+            f"  ALERT {alert.topic}: negative share {alert.share:.0%} in {alert.window_start:%Y-%m-%d %H:%M}"
+            f"-{alert.window_end:%H:%M} UTC ({alert.volume} texts; baseline {alert.baseline_mean:.0%})\n"
+        )
+    out.write(f"trend plot       : {summary.trend_png}\n")
+    if summary.bad_records:
+        out.write(f"error report     : {summary.error_report}\n")
+
+
+def write_recommendations(result: Any) -> None:
+    """The first users' lists of a finished ``recommend`` run (its ``RecommendResult``), then where all of them are."""
+    frame = _read_lists(result.output_path)
+    for user, group in list(frame.groupby("user", sort=False))[:5]:
+        sys.stdout.write(f"user {user}:\n")
+        for row in group.itertuples():
+            sys.stdout.write(f"  {row.rank:>3}. {row.score:6.2f}  {row.text}\n")
+    sys.stdout.write(f"{result.rows} rows for {result.users} users from {result.model_uri} -> {result.output_path}\n")
+
+
+def _read_lists(path: str) -> Any:
+    """The lists `recommend` wrote (CSV or Parquet)."""
+    import pandas as pd
+
+    return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, dtype={"user": str, "item": str})
