@@ -18,8 +18,19 @@ from safetensors.torch import load_file
 
 from finetune_flows.plugins import SCENARIOS, ConfigError
 from finetune_flows.tasks.core.checkpoints import MARKER, incomplete_reason, resume_point, write_marker
+from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+from finetune_flows.tasks.core.resuming import reopen_run, resume_config
+from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tokenization import tokenize_dataset
+from finetune_flows.tasks.core.tracking import (
+    RUN_RECORD,
+    RunInfo,
+    RunRecord,
+    folder_in_use,
+    hold_run_folder,
+    release_run_folder,
+)
 
 # The training a test kills: run in a subprocess, so that SIGKILL is real. STEP_DELAY slows each step down so the
 # test can kill between checkpoints; KILL_IN_SAVE_AT makes the process SIGKILL itself while it writes the
@@ -168,3 +179,30 @@ def test_a_file_changed_after_the_marker_makes_the_checkpoint_incomplete(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-2", "incomplete-checkpoint-4", "incomplete-checkpoint-6"
     ]  # fmt: skip
+
+
+def _recorded_run(runs: Path, config: FinetuneConfig) -> Path:
+    run_dir = runs / "sentiment-20261201T000000Z-abcdef"
+    run_dir.mkdir(parents=True)
+    info = RunInfo(run_dir=str(run_dir), run_id="0" * 32, experiment_id="1", tracking_uri_redacted="sqlite:///x.db")
+    record = RunRecord(run=info, config=config.model_dump(mode="json"), flow_run_ids=[])
+    (run_dir / RUN_RECORD).write_text(record.model_dump_json(), encoding="utf-8")
+    return run_dir
+
+
+def test_resume_refuses_a_changed_config_and_a_folder_a_live_process_holds(state_dir: Path) -> None:
+    config = FinetuneConfig.for_scenario("sentiment", {"training.epochs": 1})
+    run_dir = _recorded_run(get_settings().runs_dir, config)
+    assert resume_config(run_dir.name).resume == run_dir.name and resume_config(str(run_dir)).training.epochs == 1
+
+    changed = config.model_copy(update={"resume": run_dir.name, "training": config.training.model_copy(
+        update={"epochs": 2.0, "seed": 7})})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"the config differs from the run's own in training\.epochs, training\.seed"):
+        reopen_run.fn(changed)
+
+    hold_run_folder(run_dir)  # as the process that runs it does
+    assert folder_in_use(run_dir)
+    with pytest.raises(ConfigError, match=r"run folder .* is in use by a live process: it cannot be resumed now"):
+        reopen_run.fn(resume_config(run_dir.name))
+    release_run_folder(RunInfo.model_validate(json.loads((run_dir / RUN_RECORD).read_text())["run"]))
+    assert not folder_in_use(run_dir)

@@ -88,10 +88,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict
     killed_dir, killed_out, killed_children = interrupt(env, args, state, signal.SIGKILL)
     termed_dir, termed_out, termed_children = interrupt(env, args, state, signal.SIGTERM)
     status = {d.name: mlflow_run(state, d).info.status for d in (killed_dir, termed_dir)}
+    survey = run_cli(env, "gc", "--min-age-hours", "0")
     resumed_killed = run_cli(env, "resume", killed_dir.name, timeout=600)
     resumed_termed = run_cli(env, "resume", termed_dir.name, timeout=600)
     return {"state": state, "straight": straight, "killed": (killed_dir, killed_out, killed_children),
-            "termed": (termed_dir, termed_out, termed_children), "status_before": status,
+            "termed": (termed_dir, termed_out, termed_children), "status_before": status, "gc": survey,
             "resumed_killed": resumed_killed, "resumed_termed": resumed_termed, "env": env}  # fmt: skip
 
 
@@ -128,6 +129,17 @@ def test_no_temporary_prefect_server_outlives_a_killed_run(runs) -> None:
 def test_sigterm_leaves_the_mlflow_run_killed_and_kill_9_leaves_it_running(runs) -> None:
     killed_dir, termed_dir = runs["killed"][0], runs["termed"][0]
     assert runs["status_before"] == {killed_dir.name: "RUNNING", termed_dir.name: "KILLED"}
+
+
+def test_gc_keeps_a_run_killed_by_kill_9_and_says_how_to_resume_it(runs) -> None:
+    killed_dir, termed_dir = runs["killed"][0], runs["termed"][0]
+    lines = {line.split()[2]: line for line in ok(runs["gc"]).splitlines() if line.startswith(("keep", "free"))}
+    assert lines[killed_dir.name].startswith("keep"), lines
+    assert (
+        f"was interrupted (RUNNING, no process on it): `finetune-flows resume {killed_dir.name}`"
+        in lines[killed_dir.name]
+    )
+    assert lines[termed_dir.name].startswith("free") and "KILLED, no model version" in lines[termed_dir.name]
 
 
 def test_resume_finishes_both_runs_to_the_weights_of_an_uninterrupted_one(runs) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from finetune_flows.tasks.core.config import KeepCheckpoints
 from finetune_flows.tasks.core.secrets import guard
+from finetune_flows.tasks.core.tracking import RUN_RECORD, folder_in_use
 
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 LIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
@@ -129,6 +130,10 @@ def survey_run_folders(runs_dir: Path, tracking_uri: str, min_age_s: float = 6 *
         used_by = tuple(versions.get(run_id, [])) if run_id else ()
         if used_by:
             reason: str | None = f"registered as {', '.join(used_by)}"
+        elif status in LIVE_STATUSES and (path / RUN_RECORD).is_file() and not folder_in_use(path):
+            reason = (
+                f"run {run_id} was interrupted ({status}, no process works on it): `finetune-flows resume {path.name}`"
+            )
         elif status in LIVE_STATUSES:
             reason = f"run {run_id} is {status}"
         elif (age := time.time() - last_written(path)) < min_age_s:

@@ -186,6 +186,20 @@ def hold_run_folder(run_dir: Path) -> None:
     _HELD[str(run_dir)] = handle
 
 
+def folder_in_use(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir`` (``hold_run_folder``); False for a folder without a lock file."""
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return False
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def release_run_folder(run: RunInfo) -> None:
     """Drop the lock ``hold_run_folder`` took (the run ended, one way or another)."""
     handle = _HELD.pop(run.run_dir, None)
