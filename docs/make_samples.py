@@ -1,8 +1,10 @@
 """Rebuild the bundled sample datasets from the originals in ../shared/datasets.
 
-    python docs/make_samples.py [--shared ../shared/datasets] [--sst2-rows 20000]
+    python docs/make_samples.py [--shared ../shared/datasets] [--sst2-rows 20000] [--only banking77]
 
 SST-2: a seeded random sample of the training TSV (rows kept byte for byte) and all 872 dev rows.
+Banking77: a seeded, stratified sample (the same number of rows per intent) of the train and test CSVs,
+values unchanged, original order, plus the intent list.
 MovieLens: every rating of a seeded random sample of users, the movies they rated and those
 movies' tags (rows kept byte for byte, original order).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SST2_OUT = ROOT / "plugins" / "scenarios" / "data" / "sst2_sample"
 MOVIELENS_OUT = ROOT / "plugins" / "scenarios" / "data" / "movielens_sample"
+BANKING77_OUT = ROOT / "plugins" / "scenarios" / "data" / "banking77_sample"
 
 
 def sst2(shared: Path, rows: int, seed: int) -> None:
@@ -53,18 +56,41 @@ def movielens(shared: Path, users: int, seed: int) -> None:
         print(f"{MOVIELENS_OUT / name}: sha256 {digest}")
 
 
+def banking77(shared: Path, train_per_intent: int, eval_per_intent: int, seed: int) -> None:
+    import pandas as pd
+
+    source = shared / "banking77"
+    BANKING77_OUT.mkdir(parents=True, exist_ok=True)
+    for name, out, per_intent in (
+        ("train.csv", "train.csv", train_per_intent),
+        ("test.csv", "eval.csv", eval_per_intent),
+    ):
+        frame = pd.read_csv(source / name, dtype=str, keep_default_na=False)
+        picked = frame.groupby("category", sort=False).sample(n=per_intent, random_state=seed).sort_index()
+        picked.to_csv(BANKING77_OUT / out, index=False)
+    (BANKING77_OUT / "categories.json").write_bytes((source / "categories.json").read_bytes())
+    (BANKING77_OUT / "LICENSE").write_bytes((source / "LICENSE").read_bytes())
+    for name in ("train.csv", "eval.csv", "categories.json"):
+        digest = hashlib.sha256((BANKING77_OUT / name).read_bytes()).hexdigest()
+        print(f"{BANKING77_OUT / name}: sha256 {digest}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--sst2-rows", type=int, default=20000)
     parser.add_argument("--movielens-users", type=int, default=150)
+    parser.add_argument("--banking77-train", type=int, default=20, help="training rows per intent")
+    parser.add_argument("--banking77-eval", type=int, default=5, help="eval rows per intent (from the test split)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["sst2", "movielens"], default=None)
+    parser.add_argument("--only", choices=["sst2", "movielens", "banking77"], default=None)
     args = parser.parse_args()
     if args.only in (None, "sst2"):
         sst2(args.shared, args.sst2_rows, args.seed)
     if args.only in (None, "movielens"):
         movielens(args.shared, args.movielens_users, args.seed)
+    if args.only in (None, "banking77"):
+        banking77(args.shared, args.banking77_train, args.banking77_eval, args.seed)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,9 @@ class ScenarioBase:
 
     def taxonomy(self) -> Path | None:
         return None
+
+    def answer_templates(self) -> Path | None:
+        """Optional, not part of ``Scenario``: a CSV (``intent,reply,link``) with a reply per label, which the
+        ``finetune_flows.tasks.classification.answers:ship_answer_templates`` stage checks and ships with the
+        served model; None: no templates."""
+        return None

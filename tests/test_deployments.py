@@ -20,6 +20,7 @@ FINETUNE_SCENARIOS = {
     "sentiment-finetune": "sentiment",
     "finance-finetune": "finance-monitoring",
     "recommendation-finetune": "recommendation",
+    "customer-service-finetune": "customer-service",
 }
 RETRAIN_SCENARIOS = {"sentiment-retrain": "sentiment", "finance-retrain": "finance-monitoring"}
 TRAIN_DEPLOYMENTS = {"sentiment-train", "finance-train", "recommendation-train"}
@@ -41,7 +42,7 @@ def test_names_are_unique_and_expected() -> None:
     assert len(names) == len(set(names))
     assert set(names) == {
         "sentiment-finetune", "finance-finetune", "finance-monitor", *TRAIN_DEPLOYMENTS, *RETRAIN_SCENARIOS,
-        "recommendation-finetune", "recommend",
+        "recommendation-finetune", "recommend", "customer-service-finetune",
     }  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ["finance-monitoring", "recommendation", "sentiment"]
+SCENARIOS = ["customer-service", "finance-monitoring", "recommendation", "sentiment"]
 DATA = "finetune_flows/plugins/scenarios/data"
 DATA_FILES = [
     f"{DATA}/sst2_sample/train.tsv",
@@ -25,6 +25,9 @@ DATA_FILES = [
     f"{DATA}/financial_phrasebank/Sentences_50Agree.txt",
     f"{DATA}/movielens_sample/ratings.csv",
     f"{DATA}/movielens_sample/movies.csv",
+    f"{DATA}/banking77_sample/train.csv",
+    f"{DATA}/banking77_sample/categories.json",
+    f"{DATA}/banking77_sample/answers.csv",
 ]
 
 # Run by an installed interpreter from a folder outside the repository: what imports, and what it pulled in.

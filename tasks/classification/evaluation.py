@@ -1,5 +1,7 @@
 """Stage 4, evaluate: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and
-expected calibration error, plus the confusion matrix and reliability diagram as PNGs.
+expected calibration error, plus the confusion matrix and reliability diagram as PNGs, and a
+TF-IDF + logistic-regression baseline fitted and scored on the same split (``baseline_accuracy``,
+``baseline_macro_f1``; a row next to the fine-tuned model in the report).
 
 ``classification_metrics`` is pure numpy (Trainer's ``compute_metrics`` uses it too);
 ``evaluate_checkpoint`` scores the eval split with the trained model and writes a report folder.
@@ -128,8 +130,57 @@ def evaluate_checkpoint(
     )
 
 
+BASELINE_FILE = "baseline.json"
+BASELINE_KEYS = ("baseline_accuracy", "baseline_macro_f1")
+"""The baseline's metrics in ``EvalResult.metrics`` and ``test_metrics`` (logged as ``final_``/``test_`` + key)."""
+
+
+def with_baseline(result: EvalResult, dataset_dir: Path, labels: list[str], seed: int) -> EvalResult:
+    """``result`` with the TF-IDF + LR baseline's accuracy and macro-F1 added (eval and test) and in its headline;
+    the figures also go to ``baseline.json`` in the report folder. A baseline that cannot be fitted (no word in
+    any text) is logged and left out: it never fails the run."""
+    from finetune_flows.tasks.classification.baseline import BASELINE_NAME, tfidf_baseline
+
+    try:
+        scores = tfidf_baseline(dataset_dir, labels, seed=seed)
+    except ValueError as exc:  # e.g. "empty vocabulary": texts without any two-character word
+        logger.warning("%s skipped: %s", BASELINE_NAME, exc)
+        return result
+    (Path(result.report_dir) / BASELINE_FILE).write_text(json.dumps({"model": BASELINE_NAME, **scores}, indent=2))
+    test = result.test_metrics
+    if test is not None and "test_accuracy" in scores:
+        test = {**test, **{key: scores[f"test_{key.removeprefix('baseline_')}"] for key in BASELINE_KEYS}}
+    return result.model_copy(
+        update={
+            "metrics": {**result.metrics, **{key: scores[key.removeprefix("baseline_")] for key in BASELINE_KEYS}},
+            "test_metrics": test,
+            "headline": [*result.headline, *BASELINE_KEYS],
+        }
+    )
+
+
+def comparison_markdown(result: EvalResult) -> str:
+    """The fine-tuned model and the baseline side by side (eval, and test when scored); "" without a baseline."""
+    from finetune_flows.tasks.classification.baseline import BASELINE_NAME
+
+    if not all(key in result.metrics for key in BASELINE_KEYS):
+        return ""
+    test = result.test_metrics
+    splits = [("eval", result.metrics)] + ([("test", test)] if test and all(k in test for k in BASELINE_KEYS) else [])
+    header = "| model | " + " | ".join(f"{s} accuracy | {s} macro-F1" for s, _ in splits) + " |"
+    rule = "|---|" + "---|---|" * len(splits)
+    rows = [
+        f"| {name} | "
+        + " | ".join(f"{m[f'{prefix}accuracy']:.4f} | {m[f'{prefix}macro_f1']:.4f}" for _, m in splits)
+        + " |"
+        for name, prefix in (("fine-tuned", ""), (BASELINE_NAME, "baseline_"))
+    ]
+    return "\n".join([header, rule, *rows]) + "\n\n"
+
+
 def publish_report(result: EvalResult, labels: list[str], rows: int, scenario: str) -> None:
-    """The per-class table and the headline + confusion matrix as Prefect artifacts."""
+    """The per-class table and the headline, the baseline comparison and the confusion matrix as Prefect
+    artifacts."""
     create_table_artifact(
         key=f"{scenario}-metrics",
         description="Per-class precision, recall and F1 on the eval set",
@@ -154,19 +205,20 @@ def publish_report(result: EvalResult, labels: list[str], rows: int, scenario: s
         markdown=(
             f"### Evaluation on {rows} texts\n\n"
             f"accuracy **{result.metrics['accuracy']:.4f}**, macro-F1 **{result.metrics['macro_f1']:.4f}**, "
-            f"ECE {result.metrics['ece']:.4f}\n\n{header}\n{table}\n\n"
+            f"ECE {result.metrics['ece']:.4f}\n\n{comparison_markdown(result)}{header}\n{table}\n\n"
             f"Plots: {', '.join(f'`{p}`' for p in result.plots)} (also in the MLflow run)."
         ),
     )
 
 
 class ClassificationEvaluator:
-    """The classification report: accuracy, macro-F1, ECE, per-class precision/recall/F1, plots."""
+    """The classification report: accuracy, macro-F1, ECE, per-class precision/recall/F1, plots, and the TF-IDF +
+    LR baseline on the same split."""
 
     headline: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "ece")
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
-        """Score eval (and test, into ``report_dir/test``) with the trained checkpoint."""
+        """Score eval (and test, into ``report_dir/test``) with the trained checkpoint, and the baseline on both."""
 
         def score(split: str, folder: Path) -> EvalResult:
             return evaluate_checkpoint(
@@ -186,6 +238,7 @@ class ClassificationEvaluator:
         if (Path(request.dataset_dir) / "test.parquet").is_file():
             test = score("test", Path(request.report_dir) / "test")
             result = result.model_copy(update={"test_metrics": test.metrics})
+        result = with_baseline(result, Path(request.dataset_dir), request.labels, request.seed)
         rows = int(np.sum(json.loads((Path(request.report_dir) / "metrics.json").read_text())["confusion_matrix"]))
         publish_report(result, request.labels, rows, request.scenario)
         return result
