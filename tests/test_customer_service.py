@@ -216,9 +216,20 @@ def test_run_registers_a_version_with_the_baseline_and_the_answers(tiny_model_di
     mlflow.set_tracking_uri(uri)
     try:
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{SCENARIO}/1", dst_path=str(tmp_path / "served")))
-        served = mlflow.pyfunc.load_model(f"models:/{SCENARIO}/1").predict(pd.DataFrame({"text": ["Where is my card"]}))
+        texts = ["Where is my card", "I want to cancel my transfer", "what is the weather like", "card payment"]
+        served = mlflow.pyfunc.load_model(f"models:/{SCENARIO}/1").predict(pd.DataFrame({"text": texts}))
     finally:
         mlflow.set_tracking_uri(previous)
     assert (folder / "artifacts" / "answers.csv").read_bytes() == answers.read_bytes()
     assert ANSWERS_ARTIFACT in (folder / "MLmodel").read_text(encoding="utf-8")  # the pyfunc names it
-    assert served["label"].iloc[0] in {intent_name(raw) for raw in MESSAGES}  # the served model still loads
+    assert set(served["intent"]) <= {intent_name(raw) for raw in MESSAGES}  # the served model still loads
+
+    # The hand-off policy fitted on eval ships with the model; the served label is "handoff" exactly below it.
+    policy = json.loads((folder / "artifacts" / "handoff.json").read_text(encoding="utf-8"))
+    assert float(version.tags["handoff.threshold"]) == pytest.approx(policy["threshold"], abs=1e-6)
+    assert metrics["handoff_temperature"] == pytest.approx(policy["temperature"])
+    assert 0.0 <= metrics["handoff_eval_coverage"] <= 1.0 and policy["target_precision"] == 0.95
+    below = served["score"] < policy["threshold"]
+    assert (served["label"] == "handoff").tolist() == below.tolist()
+    assert (served.loc[~below, "label"] == served.loc[~below, "intent"]).all()
+    assert "Hand-off below calibrated confidence" in out

@@ -13,7 +13,9 @@ steps. Without an eval file 10% of the training rows, stratified, are held out; 
 (``data.test_path``, e.g. Banking77's test.csv) is reported only.
 
 Every registered version carries a reply template per intent (``answer_templates``), shipped with
-the served model by the ``ship-answer-templates`` stage.
+the served model by the ``ship-answer-templates`` stage, and a hand-off policy (``fit-handoff``:
+temperature scaling and a confidence threshold chosen on eval) under which the served model answers
+``handoff``, for a person to take the message.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class CustomerServiceScenario(ScenarioBase):
             StageHook.BEFORE_REGISTER,
             "finetune_flows.tasks.classification.answers:ship_answer_templates",
             "a reply template and help-page name per intent, checked against the labels and shipped with the model",
+        ),
+        ExtraStage(
+            "fit-handoff",
+            StageHook.BEFORE_REGISTER,
+            "finetune_flows.tasks.classification.handoff:fit_handoff",
+            "temperature scaling and a confidence threshold on eval: below it the served model answers 'handoff'",
         ),
     )
     defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults(

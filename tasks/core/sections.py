@@ -250,6 +250,13 @@ class EvaluationConfig(_Frozen):
 
     calibration_bins: int = Field(default=15, ge=2, le=100, description="Bins of the expected calibration error.")
     batch_size: int = Field(default=128, ge=1, le=4096, description="Texts per evaluation batch.")
+    handoff_precision: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Scenarios with a hand-off stage: the accuracy the answered messages must reach on eval; "
+        "below the confidence threshold that gives it, the served model answers 'handoff'.",
+    )
 
 
 class RegistrationConfig(_Frozen):

@@ -24,6 +24,7 @@ from .text_inputs import load_tokenizer, padded_inputs, texts_from
 ONNX_ARTIFACT = "onnx_model"
 TOKENIZER_ARTIFACT = "tokenizer_json"
 TOPIC_ARTIFACT = "topic_encoder"  # a folder: encoder.onnx, tokenizer.json, topics.json
+HANDOFF_ARTIFACT = "handoff"  # handoff.json: temperature, threshold, label (tasks/classification/handoff.py)
 
 
 class OnnxTextClassifier:
@@ -57,13 +58,21 @@ class OnnxTextClassifier:
             out[idx] = self.session.run(["logits"], self.encode([texts[i] for i in idx]))[0]
         return out
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> pd.DataFrame:
-        """One row per text: ``label``, ``score`` (its probability) and ``prob_<label>`` per class."""
-        logits = self.logits(texts, batch_size).astype(np.float64)
+    def predict(self, texts: list[str], batch_size: int = 64, handoff: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One row per text: ``label``, ``score`` (its probability) and ``prob_<label>`` per class.
+
+        With a hand-off policy (``handoff.json``: temperature, threshold, label) the probabilities are
+        softmax(logits / temperature), ``intent`` is the most likely class and ``label`` is the policy's label
+        (``handoff``) where ``score`` is below the threshold."""
+        temperature = float(handoff["temperature"]) if handoff else 1.0
+        logits = self.logits(texts, batch_size).astype(np.float64) / temperature
         exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs = exp / exp.sum(axis=-1, keepdims=True)
         best = probs.argmax(axis=-1)
         frame = pd.DataFrame({"label": [self.labels[i] for i in best], "score": probs.max(axis=-1)})
+        if handoff:
+            frame.insert(1, "intent", frame["label"])
+            frame.loc[frame["score"] < float(handoff["threshold"]), "label"] = str(handoff.get("label", "handoff"))
         for i, label in enumerate(self.labels):
             frame[f"prob_{label}"] = probs[:, i]
         return frame
@@ -74,6 +83,9 @@ class TextClassifierPyfunc(PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.scorer = OnnxTextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+        self.handoff: dict[str, Any] | None = None
+        if HANDOFF_ARTIFACT in context.artifacts:  # an intent model that hands unsure messages to a person
+            self.handoff = json.loads(Path(context.artifacts[HANDOFF_ARTIFACT]).read_text(encoding="utf-8"))
         self.topics: Any = None
         if TOPIC_ARTIFACT in context.artifacts:
             from .topics import load_topic_assigner  # pydantic only for models with topics
@@ -82,7 +94,7 @@ class TextClassifierPyfunc(PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         texts = texts_from(model_input)
-        scored = self.scorer.predict(texts)
+        scored = self.scorer.predict(texts, handoff=self.handoff)
         if self.topics is not None:
             scored["topic"] = self.topics.assign(texts)
         return scored
