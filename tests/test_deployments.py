@@ -42,7 +42,7 @@ def test_names_are_unique_and_expected() -> None:
     assert len(names) == len(set(names))
     assert set(names) == {
         "sentiment-finetune", "finance-finetune", "finance-monitor", *TRAIN_DEPLOYMENTS, *RETRAIN_SCENARIOS,
-        "recommendation-finetune", "recommend", "customer-service-finetune",
+        "recommendation-finetune", "recommend", "customer-service-finetune", "route",
     }  # fmt: skip
 
 
@@ -85,6 +85,16 @@ def test_monitor_scores_the_model_that_finance_finetune_registers() -> None:
 
     finetune = FinetuneConfig.model_validate(DEPLOYMENTS["finance-finetune"]["parameters"]["config"])
     assert DEPLOYMENTS["finance-monitor"]["parameters"]["config"]["model_name"] == finetune.model_name
+
+
+def test_route_answers_with_the_model_that_customer_service_finetune_registers() -> None:
+    from finetune_flows.flows.route import route
+    from finetune_flows.tasks.core.config import FinetuneConfig
+
+    deployment = DEPLOYMENTS["route"]
+    assert load_flow(deployment).name == route.name and deployment["work_pool"]["name"] == "cpu"
+    finetune = FinetuneConfig.model_validate(DEPLOYMENTS["customer-service-finetune"]["parameters"]["config"])
+    assert deployment["parameters"]["config"]["model_name"] == finetune.model_name
 
 
 def test_work_pools_and_schedules_come_from_definitions() -> None:

@@ -6,6 +6,7 @@
     finetune-flows resume <run folder | MLflow run id>
     finetune-flows gc [--yes]
     finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
+    finetune-flows route FILE [--set key=value ...]
     finetune-flows up | down | status
 
 With nothing configured, Prefect and MLflow keep their state under ``.finetune-flows/``
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from finetune_flows.flows.cli.output import write_monitor_summary, write_recommendations, write_summary
+from finetune_flows.flows.cli.output import write_monitor_summary, write_recommendations, write_routes, write_summary
 from finetune_flows.flows.cli.settings_help import RunHelp
 
 logger = logging.getLogger("finetune_flows.flows.cli.main")
@@ -146,6 +147,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from finetune_flows.tasks.core.config import parse_overrides, validated
+    from finetune_flows.tasks.routing.routing import RouteConfig
+
+    config = validated(RouteConfig, {"source": args.source, **parse_overrides(args.set or [])})
+    _prepare_environment()
+    from finetune_flows.flows.route import route
+
+    write_routes(run_flow(route, config))
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     _prepare_environment()
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `up` logs to its terminal
@@ -225,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--cold-start", metavar="CSV", help="rank only these new items (columns item,text)")
     rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. model_name=x")
     rec.set_defaults(func=cmd_recommend)
+    routing = commands.add_parser("route", help="answer customer messages with an intent's reply, or hand them off")
+    routing.add_argument("source", metavar="FILE", help="a CSV/TSV/JSONL/Parquet file with a text column")
+    routing.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. alias=challenger")
+    routing.set_defaults(func=cmd_route)
     services = "the Prefect server, MLflow server and one worker per work pool (127.0.0.1)"
     up_command = commands.add_parser("up", help=f"start {services}; register the deployments")
     up_command.add_argument(

@@ -1,8 +1,8 @@
 """What the ``finetune-flows`` commands write on stdout once a flow has finished.
 
 ``run`` and ``resume`` print the run's summary (and its reports), ``monitor`` its records and
-alerts, ``recommend`` the first users' lists. Nothing heavy is imported here, so the command line
-still lists plugins without torch.
+alerts, ``recommend`` the first users' lists, ``route`` the first routes. Nothing heavy is imported
+here, so the command line still lists plugins without torch.
 """
 
 from __future__ import annotations
@@ -71,3 +71,29 @@ def _read_lists(path: str) -> Any:
     import pandas as pd
 
     return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, dtype={"user": str, "item": str})
+
+
+ROUTES_SHOWN = 10
+
+
+def write_routes(result: Any) -> None:
+    """The first routes of a finished ``route`` run (its ``RouteResult``): route, confidence, intent, message and
+    reply; then how many messages were handed off and where all the routes are."""
+    out = sys.stdout
+    out.write("\n=== finetune-flows: route complete ===\n")
+    for row in result.first[:ROUTES_SHOWN]:
+        intent = row.intent if row.route == "intent" else f"({row.intent})"  # handoff: the closest intent
+        link = f" [{row.link}]" if row.link else ""
+        out.write(f"{row.route:<8} {row.confidence:.3f}  {intent:<28} {_short(row.text, 50)!r}\n")
+        out.write(f"{'':<16}-> {_short(row.reply, 300)}{link}\n")
+    if result.rows > ROUTES_SHOWN:
+        out.write(f"... {result.rows - ROUTES_SHOWN} more\n")
+    out.write(
+        f"{result.rows} messages, {result.handoffs} handed off, routed by {result.model_uri} -> {result.output_path}\n"
+    )
+
+
+def _short(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
