@@ -62,6 +62,13 @@ def classification_metrics(
     return metrics
 
 
+def training_classification_metrics(head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
+    """Accuracy, macro-F1, ECE and per-class scores of ``head``'s predictions during training (float values only)."""
+    predicted, probs = HEADS.get(head).predict(predictions)
+    metrics = classification_metrics(label_ids, predicted, probs, labels)
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
 def predict_logits(model_dir: Path, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
     """Logits of the checkpoint at ``model_dir`` for ``texts``, batched by similar length."""
     import torch
@@ -216,6 +223,10 @@ class ClassificationEvaluator:
     LR baseline on the same split."""
 
     headline: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "ece")
+
+    def training_metrics(self, head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
+        """``classification_metrics`` of the head's predictions (its ``predict``), float values only."""
+        return training_classification_metrics(head, predictions, label_ids, labels)
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
         """Score eval (and test, into ``report_dir/test``) with the trained checkpoint, and the baseline on both."""

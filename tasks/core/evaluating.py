@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +76,11 @@ class Evaluator(Protocol):
         """The primary metric of the registered model at ``model_uri`` on the same eval data; None: not comparable."""
         ...
 
+    def training_metrics(self, head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
+        """One evaluation while training (Trainer's ``compute_metrics``): metrics by name, the scenario's primary
+        metric among them, from the model's raw outputs and the label ids of the checkpoint-choosing split."""
+        ...
+
 
 def eval_request(
     config: FinetuneConfig, data: PreparedData, model_dir: str, onnx_path: str, run: RunInfo
@@ -103,7 +108,9 @@ def evaluator_for(head_name: str) -> Evaluator:
     target = HEADS.get(head_name).evaluator
     evaluator = load_target(target, f"head {head_name!r}: its evaluator")()
     if not isinstance(evaluator, Evaluator):
-        raise PluginError(f"head {head_name!r}: {target} is not an Evaluator (evaluate, score_champion, headline)")
+        raise PluginError(
+            f"head {head_name!r}: {target} is not an Evaluator (evaluate, score_champion, training_metrics, headline)"
+        )
     return evaluator
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_flows.plugins import HEADS
-from finetune_flows.tasks.classification.evaluation import classification_metrics
 from finetune_flows.tasks.core.checkpoints import drop_resume_state, resume_point
 from finetune_flows.tasks.core.config import ClassWeighting, KeepCheckpoints, Precision, TrainingConfig
+from finetune_flows.tasks.core.evaluating import evaluator_for
 from finetune_flows.tasks.core.housekeeping import prune_checkpoints
 from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
 from finetune_flows.tasks.core.train_request import TrainRequest, TrainResult, checkpoint_split
@@ -70,10 +70,10 @@ def train_model(
     eval_set = load_from_disk(str(tokenized_dir / (chooser or "eval")))
     precision = choose_precision(config.precision)
 
+    evaluator, labels = evaluator_for(head_name), list(id2label.values())
+
     def compute_metrics(prediction: Any) -> dict[str, float]:
-        predicted, probs = head.predict(prediction.predictions)
-        metrics = classification_metrics(prediction.label_ids, predicted, probs, list(id2label.values()))
-        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+        return evaluator.training_metrics(head_name, prediction.predictions, prediction.label_ids, labels)
 
     balanced = config.class_weights is ClassWeighting.BALANCED and bool(id2label)
     weights = torch.tensor(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,10 @@ class RankingEvaluator:
     """HR@10, NDCG@10 and MRR of the exported encoder on validation (promotion) and test (reported only)."""
 
     headline: ClassVar[tuple[str, ...]] = ("hr_at_10", "ndcg_at_10", "mrr")
+
+    def training_metrics(self, head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
+        """Nothing: the bi-encoder trains without evaluating (in-batch negatives; the last model is kept)."""
+        return {}
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
         """Score every split's candidates; keep the score matrices for the scenario's comparison stage."""

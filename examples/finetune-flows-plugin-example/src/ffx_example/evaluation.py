@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ from finetune_flows.tasks.classification.evaluation import (
     ClassificationEvaluator,
     classification_metrics,
     publish_report,
+    training_classification_metrics,
 )
 from finetune_flows.tasks.classification.plots import plot_confusion, plot_reliability
 from finetune_flows.tasks.core.evaluating import EvalRequest, EvalResult
@@ -58,6 +59,10 @@ class OnnxClassificationEvaluator:
     """The classification report (accuracy, macro-F1, ECE, per-class scores) of the exported graph."""
 
     headline: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "ece")
+
+    def training_metrics(self, head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
+        """The core's classification metrics of the head's predictions while training."""
+        return training_classification_metrics(head, predictions, label_ids, labels)
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
         """Score eval (and test, into ``report_dir/test``) with the ONNX graph and the model's tokenizer."""
