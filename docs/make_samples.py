@@ -7,6 +7,7 @@ Banking77: a seeded, stratified sample (the same number of rows per intent) of t
 values unchanged, original order, plus the intent list.
 MovieLens: every rating of a seeded random sample of users, the movies they rated and those
 movies' tags (rows kept byte for byte, original order).
+NLU++: the first folds of the banking domain (fold0.json ... fold3.json, copied byte for byte) and the ontology.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SST2_OUT = ROOT / "plugins" / "scenarios" / "data" / "sst2_sample"
 MOVIELENS_OUT = ROOT / "plugins" / "scenarios" / "data" / "movielens_sample"
 BANKING77_OUT = ROOT / "plugins" / "scenarios" / "data" / "banking77_sample"
+NLUPP_OUT = ROOT / "plugins" / "scenarios" / "data" / "nlupp_sample"
 
 
 def sst2(shared: Path, rows: int, seed: int) -> None:
@@ -75,6 +77,18 @@ def banking77(shared: Path, train_per_intent: int, eval_per_intent: int, seed: i
         print(f"{BANKING77_OUT / name}: sha256 {digest}")
 
 
+def nlupp(shared: Path, folds: int) -> None:
+    source = shared / "nlupp"
+    (NLUPP_OUT / "banking").mkdir(parents=True, exist_ok=True)
+    names = [f"banking/fold{index}.json" for index in range(folds)]
+    for name in [*names, "ontology.json"]:
+        (NLUPP_OUT / name).write_bytes((source / "data" / name).read_bytes())
+    (NLUPP_OUT / "LICENSE").write_bytes((source / "LICENSE").read_bytes())
+    for name in [*names, "ontology.json"]:
+        digest = hashlib.sha256((NLUPP_OUT / name).read_bytes()).hexdigest()
+        print(f"{NLUPP_OUT / name}: sha256 {digest}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "datasets")
@@ -82,8 +96,9 @@ def main() -> None:
     parser.add_argument("--movielens-users", type=int, default=150)
     parser.add_argument("--banking77-train", type=int, default=20, help="training rows per intent")
     parser.add_argument("--banking77-eval", type=int, default=5, help="eval rows per intent (from the test split)")
+    parser.add_argument("--nlupp-folds", type=int, default=4, help="banking folds fold0.json ... bundled")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", choices=["sst2", "movielens", "banking77"], default=None)
+    parser.add_argument("--only", choices=["sst2", "movielens", "banking77", "nlupp"], default=None)
     args = parser.parse_args()
     if args.only in (None, "sst2"):
         sst2(args.shared, args.sst2_rows, args.seed)
@@ -91,6 +106,8 @@ def main() -> None:
         movielens(args.shared, args.movielens_users, args.seed)
     if args.only in (None, "banking77"):
         banking77(args.shared, args.banking77_train, args.banking77_eval, args.seed)
+    if args.only in (None, "nlupp"):
+        nlupp(args.shared, args.nlupp_folds)
 
 
 if __name__ == "__main__":

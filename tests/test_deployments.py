@@ -21,6 +21,8 @@ FINETUNE_SCENARIOS = {
     "finance-finetune": "finance-monitoring",
     "recommendation-finetune": "recommendation",
     "customer-service-finetune": "customer-service",
+    "intents-multilabel-finetune": "intents-multilabel",
+    "slots-finetune": "slots",
 }
 RETRAIN_SCENARIOS = {"sentiment-retrain": "sentiment", "finance-retrain": "finance-monitoring"}
 TRAIN_DEPLOYMENTS = {"sentiment-train", "finance-train", "recommendation-train"}
@@ -43,6 +45,8 @@ def test_names_are_unique_and_expected() -> None:
     assert set(names) == {
         "sentiment-finetune", "finance-finetune", "finance-monitor", *TRAIN_DEPLOYMENTS, *RETRAIN_SCENARIOS,
         "recommendation-finetune", "recommend", "customer-service-finetune", "route",
+        "intents-multilabel-finetune",
+        "slots-finetune",
     }  # fmt: skip
 
 

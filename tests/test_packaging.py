@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ["customer-service", "finance-monitoring", "recommendation", "sentiment"]
+SCENARIOS = ["customer-service", "finance-monitoring", "intents-multilabel", "recommendation", "sentiment", "slots"]
 DATA = "finetune_flows/plugins/scenarios/data"
 DATA_FILES = [
     f"{DATA}/sst2_sample/train.tsv",
@@ -28,6 +28,9 @@ DATA_FILES = [
     f"{DATA}/banking77_sample/train.csv",
     f"{DATA}/banking77_sample/categories.json",
     f"{DATA}/banking77_sample/answers.csv",
+    f"{DATA}/nlupp_sample/banking/fold0.json",
+    f"{DATA}/nlupp_sample/ontology.json",
+    f"{DATA}/nlupp_sample/LICENSE",
 ]
 
 # Run by an installed interpreter from a folder outside the repository: what imports, and what it pulled in.
@@ -128,7 +131,7 @@ def test_installed_wheel_imports_as_finetune_flows_only(venv_python: Path, tmp_p
     assert all(Path(p).is_relative_to(site) for p in found["package_path"]), found["package_path"]
     assert Path(found["plugins_file"]).is_relative_to(site)
     assert found["scenarios"] == SCENARIOS
-    assert found["heads"] == ["bi-encoder", "sequence-classification"]
+    assert found["heads"] == ["bi-encoder", "multi-label", "sequence-classification", "token-classification"]
     assert found["top_level"] == {"tasks": "ModuleNotFoundError", "flows": "ModuleNotFoundError",
                                   "plugins": "ModuleNotFoundError"}  # fmt: skip
     assert found["sample_exists"] and Path(found["sample"]).is_relative_to(site)

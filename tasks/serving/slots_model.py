@@ -1,0 +1,22 @@
+"""MLflow models-from-code entry for a registered slot tagger; works as ``classifier_model`` does.
+
+Logging, the installed finetune-flows is used; loading, the copy of ``tasks/serving`` shipped in the
+model's ``code/`` folder as ``finetune_flows_serving``.
+"""
+
+import sys
+from pathlib import Path
+
+from mlflow.models import set_model
+
+SHIPPED = "finetune_flows_serving"
+
+if (Path(__file__).resolve().parent / "slots.py").is_file():  # logging: run from tasks/serving itself
+    from finetune_flows.tasks.serving.slots import SlotTaggerPyfunc
+else:  # loading a registered version
+    # A model loaded earlier in this process may have imported its own copy: forget it.
+    for name in [m for m in sys.modules if m == SHIPPED or m.startswith(f"{SHIPPED}.")]:
+        del sys.modules[name]
+    from finetune_flows_serving.slots import SlotTaggerPyfunc
+
+set_model(SlotTaggerPyfunc())
