@@ -113,9 +113,12 @@ class MultiLabelEvaluator:
     headline: ClassVar[tuple[str, ...]] = (*HEADLINE, *BASELINE_KEYS)
 
     def training_metrics(self, head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
-        """Micro/macro-F1, subset accuracy, micro precision and recall with every label at 0.5."""
-        predicted, _ = HEADS.get(head).predict(np.asarray(predictions))
-        metrics = multilabel_metrics(np.asarray(label_ids) >= DEFAULT_THRESHOLD, predicted, labels)
+        """Micro/macro-F1, subset accuracy, micro precision and recall with per-label thresholds tuned on these
+        predictions, the rule the served model applies (at a flat 0.5 an early model predicts no label at all, so
+        every checkpoint would tie at 0 and early stopping would keep the first)."""
+        _, probs = HEADS.get(head).predict(np.asarray(predictions))
+        truth = (np.asarray(label_ids) >= DEFAULT_THRESHOLD).astype(np.int64)
+        metrics = multilabel_metrics(truth, decide(probs, tune_thresholds(probs, truth)), labels)
         return {key: metrics[key] for key in TRAINING_KEYS}
 
     def evaluate(self, request: EvalRequest) -> EvalResult:
