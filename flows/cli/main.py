@@ -73,9 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     _prepare_environment()
     from finetune_flows.flows.finetune import finetune
+    from finetune_flows.tasks.core.config import parse_overrides
     from finetune_flows.tasks.core.resuming import resume_config
 
-    write_summary(run_flow(finetune, resume_config(args.run)))
+    write_summary(run_flow(finetune, resume_config(args.run, parse_overrides(args.set or []))))
     return 0
 
 
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         "resume", help="continue a killed or failed run from its last complete checkpoint, with its own config"
     )
     resume.add_argument("run", help="the run folder's name (under <state>/runs), its path, or its MLflow run id")
+    resume.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="change an export.*, evaluation.* or registration.* field"
+    )
     resume.set_defaults(func=cmd_resume)
     watch = commands.add_parser("monitor", help="score new texts with the champion and alert on negative spikes")
     watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")

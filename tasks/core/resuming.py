@@ -20,6 +20,7 @@ from prefect import task
 
 from finetune_flows.plugins.errors import ConfigError
 from finetune_flows.tasks.core.config import FinetuneConfig
+from finetune_flows.tasks.core.overrides import set_dotted, validated
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tracking import (
     RUN_RECORD,
@@ -31,6 +32,9 @@ from finetune_flows.tasks.core.tracking import (
 )
 
 logger = logging.getLogger(__name__)
+
+AFTER_TRAINING = ("export.", "evaluation.", "registration.")
+"""Config sections only the stages after training read: a resume may change them (e.g. a parity tolerance)."""
 
 
 def find_run_dir(run: str, runs_dir: Path | None = None) -> Path:
@@ -54,10 +58,14 @@ def read_run_record(run_dir: Path) -> RunRecord:
     return RunRecord.model_validate_json((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
 
 
-def resume_config(run: str) -> FinetuneConfig:
-    """The config of run ``run`` (folder name, path or MLflow run id), set to resume it."""
+def resume_config(run: str, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """The config of run ``run`` (folder name, path or MLflow run id), set to resume it; ``overrides`` (dotted keys)
+    may change what only the stages after training read (``AFTER_TRAINING``)."""
     run_dir = find_run_dir(run)
-    return FinetuneConfig.model_validate({**read_run_record(run_dir).config, "resume": run_dir.name})
+    values = {**read_run_record(run_dir).config, "resume": run_dir.name}
+    for key, value in (overrides or {}).items():
+        set_dotted(values, key, value)
+    return validated(FinetuneConfig, values)
 
 
 def changed_fields(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
@@ -113,11 +121,15 @@ def reopen_run(config: FinetuneConfig) -> RunInfo:
     changed = changed_fields(
         {k: v for k, v in record.config.items() if k != "resume"}, config.model_dump(mode="json", exclude={"resume"})
     )
-    if changed:
+    fixed = [name for name in changed if not name.startswith(AFTER_TRAINING)]
+    if fixed:
         raise ConfigError(
-            f"resume {run_dir.name}: the config differs from the run's own in {', '.join(changed)}; "
-            f"`finetune-flows resume {run_dir.name}` reads it from {run_dir / RUN_RECORD}"
+            f"resume {run_dir.name}: the config differs from the run's own in {', '.join(fixed)}; "
+            f"`finetune-flows resume {run_dir.name}` reads it from {run_dir / RUN_RECORD} (only "
+            f"{', '.join(p.rstrip('.') + '.*' for p in AFTER_TRAINING)} may change on a resume)"
         )
+    if changed:
+        logger.info("resume %s with changed %s", run_dir.name, ", ".join(changed))
     hold_run_folder(run_dir)
     run = record.run
     client = MlflowClient(tracking_uri=tracking_uri_for(run))
