@@ -54,6 +54,8 @@ class ScenarioDefaults:
     early_stopping_patience: int = 3
     eval_fraction: float = 0.1
     test_fraction: float = 0.0
+    parity_tolerance: float = 1e-4
+    """The ONNX parity gate's largest allowed |output difference| (``export.tolerance``)."""
 
 
 class StageHook(StrEnum):

@@ -29,6 +29,7 @@ DEFAULT_PATHS = {
     "early_stopping_patience": ("training", "early_stopping_patience"),
     "eval_fraction": ("data", "eval_fraction"),
     "test_fraction": ("data", "test_fraction"),
+    "parity_tolerance": ("export", "tolerance"),
 }
 
 
@@ -56,9 +57,9 @@ def test_scenario_defaults_differ_from_the_model_defaults() -> None:
     or taking them would be indistinguishable from ignoring them."""
     from types import SimpleNamespace
 
-    from finetune_flows.tasks.core.config import DataConfig, ModelConfig, TrainingConfig
+    from finetune_flows.tasks.core.config import DataConfig, ExportConfig, ModelConfig, TrainingConfig
 
-    plain = SimpleNamespace(data=DataConfig(), model=ModelConfig(), training=TrainingConfig())
+    plain = SimpleNamespace(data=DataConfig(), model=ModelConfig(), training=TrainingConfig(), export=ExportConfig())
     defaults = SentimentScenario.defaults
     differing = [n for n, path in DEFAULT_PATHS.items() if _at(plain, path) != getattr(defaults, n)]
     assert differing
@@ -277,3 +278,9 @@ def test_infrastructure_settings_have_their_own_section() -> None:
     assert config.infrastructure.train_on == "train/sentiment-train" and config.infrastructure.processes == 1
     with pytest.raises(ConfigError, match=r"training\.train_on: Extra inputs are not permitted"):
         FinetuneConfig.for_scenario("sentiment", {"training.train_on": "train/sentiment-train"})
+
+
+def test_a_scenario_can_loosen_the_parity_gate_and_a_user_can_override_it() -> None:
+    assert FinetuneConfig.for_scenario("slots").export.tolerance == 3e-4  # per-token logits (plugins/scenarios/slots)
+    assert FinetuneConfig.for_scenario("sentiment").export.tolerance == 1e-4
+    assert FinetuneConfig.for_scenario("slots", {"export.tolerance": 1e-4}).export.tolerance == 1e-4

@@ -52,6 +52,9 @@ class SlotsScenario(ScenarioBase):
         early_stopping_patience=5,
         eval_fraction=0.1,
         test_fraction=0.0,
+        # Per-token logits of 64 tokens x 27 tags differ from the graph's by up to 1.1e-4 (NLU++ banking, MiniLM,
+        # 256 texts): more values than a classifier's, each as exact; the predicted tags agreed on every text.
+        parity_tolerance=3e-4,
     )
 
     def sample(self) -> SampleData:

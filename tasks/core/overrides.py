@@ -27,6 +27,7 @@ def scenario_defaults(scenario: str) -> dict[str, dict[str, Any]]:
     return {
         "model": {"source": d.model, "max_length": d.max_length},
         "data": {"eval_fraction": d.eval_fraction, "test_fraction": d.test_fraction},
+        "export": {"tolerance": d.parity_tolerance},
         "training": {
             "epochs": d.epochs,
             "batch_size": d.batch_size,
