@@ -21,6 +21,7 @@ from finetune_flows.tasks.classification.multilabel_data import MultiLabelData, 
 from finetune_flows.tasks.classification.multilabel_metrics import best_threshold, multilabel_metrics, tune_thresholds
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.evaluating import EvalRequest
+from finetune_flows.tasks.core.model_source import TOKENIZER_FILES
 from finetune_flows.tasks.serving.errors import ModelFilesError
 from finetune_flows.tasks.serving.multilabel import read_thresholds
 from tests.conftest import run_cli, services_environment
@@ -78,9 +79,48 @@ def test_the_head_trains_on_float_multi_hot_targets_and_predicts_by_sigmoid(tiny
     )
     assert features["labels"] == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]] and features["truncated"] == [False, False]
     model = head.build_model(str(tiny_model_dir), {0: "cancel", 1: "greet", 2: "transfer"})
-    assert model.config.problem_type == "multi_label_classification" and model.config.num_labels == 3
+    assert model.problem_type == "multi_label_classification" and model.classifier.out_features == 3
     predicted, probs = head.predict(np.array([[1000.0, -1000.0, 0.0]]))  # no overflow at either end
     assert predicted.tolist() == [[1, 0, 1]] and probs.tolist() == [[1.0, 0.0, 0.5]]
+
+
+def test_a_saved_model_warm_starts_identically_and_its_graph_passes_the_parity_gate(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune_flows.tasks.export.model_export import check_head_parity, export_head
+
+    head = HEADS.get("multi-label")
+    id2label = {0: "cancel", 1: "greet", 2: "transfer"}
+    torch.manual_seed(1)
+    model = head.build_model(str(tiny_model_dir), id2label).eval()
+    with torch.no_grad():  # a layer unlike a fresh one, so that a warm start that ignored it would differ
+        model.classifier.weight.copy_(torch.randn_like(model.classifier.weight))
+    saved = tmp_path / "model"
+    head.save_trained(model, tiny_model_dir, saved)
+    for name in TOKENIZER_FILES:  # as training does
+        if (tiny_model_dir / name).is_file():
+            (saved / name).write_bytes((tiny_model_dir / name).read_bytes())
+
+    texts = ["cancel my transfer please", "hi", "hello, can you send money to Bob and block my card"]
+    batch = AutoTokenizer.from_pretrained(str(saved))(texts, padding=True, return_tensors="pt")
+    again = head.build_model(str(saved), id2label).eval()
+    fresh = head.build_model(str(saved), {0: "greet", 1: "cancel", 2: "transfer"}).eval()  # other labels: new layer
+    with torch.no_grad():
+        logits = model(**batch)["logits"]
+        assert torch.equal(again(**batch)["logits"], logits)
+        assert not torch.allclose(fresh(**batch)["logits"], logits)
+        exported = head.export_module(saved)(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+        loss = model(**batch, labels=targets)["loss"]
+    assert torch.allclose(exported, logits, atol=1e-5)  # eager attention, same numbers
+    assert float(loss) == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)))
+
+    onnx_path = export_head(saved, "multi-label", tmp_path / "model.onnx", 32, "hash")
+    result = check_head_parity(onnx_path, saved, "multi-label", texts * 4, min_texts=12)
+    assert result.max_abs_diff < 1e-4 and result.parity_texts == 12
 
 
 # -- reading NLU++ and tables ---------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Head ``multi-label``: any number of labels per text (none, one or several), one sigmoid per label.
 
-A linear layer over the encoder's pooled output gives one logit per label; training minimises the
-binary cross-entropy of each (Hugging Face's ``problem_type="multi_label_classification"``:
-``BCEWithLogitsLoss`` on float multi-hot targets). The prepared dataset carries the targets as
-``multi_hot`` (a float per label, in the order of the prepared label list). A label is predicted
+A linear layer over the mean of the encoder's token embeddings (``pooled_encoder``: mean pooling
+over the attention mask, dropout, linear; sentence encoders such as all-MiniLM-L6-v2 are made to be
+read that way, not through BERT's [CLS] pooler) gives one logit per label; training minimises the
+binary cross-entropy of each against float multi-hot targets. The prepared dataset carries the
+targets as ``multi_hot`` (a float per label, in the order of the prepared label list). A label is predicted
 when its probability reaches its threshold: 0.5 while training; per-label thresholds tuned on eval
 by the evaluation (``tasks.classification.multilabel``) are shipped with the served model.
 """
@@ -20,6 +21,8 @@ from finetune_flows.plugins.specs import LabelKind
 
 DEFAULT_THRESHOLD = 0.5
 """Where a label counts as predicted when no tuned threshold is known (in training, for instance)."""
+LOSS = "bce"
+"""The ``pooled_encoder`` loss: binary cross-entropy of each label's logit against its float target."""
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -28,7 +31,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 class MultiLabelHead:
-    """One independent yes/no decision per label over the encoder's pooled output, trained with BCE."""
+    """One independent yes/no decision per label over the encoder's mean-pooled output, trained with BCE."""
 
     api_version: ClassVar[int] = 2
     name: ClassVar[str] = "multi-label"
@@ -42,20 +45,12 @@ class MultiLabelHead:
     """Column of the prepared dataset with the float multi-hot targets."""
 
     def build_model(self, source: str, id2label: dict[int, str]) -> Any:
-        """The encoder at ``source`` (a local folder) with a fresh (or matching) layer of one logit per label."""
-        from transformers import AutoModelForSequenceClassification
+        """The encoder at ``source`` (a local folder) under mean pooling, dropout and a linear layer of one logit per
+        label, trained with BCE (``pooled_encoder``); a model this head saved warm-starts its layer too (same labels).
+        """
+        from finetune_flows.plugins.heads import pooled_encoder
 
-        return AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=len(id2label),
-            id2label=dict(id2label),
-            label2id={label: index for index, label in id2label.items()},
-            problem_type="multi_label_classification",
-            use_safetensors=True,
-            trust_remote_code=False,
-            # A warm start from a model with other labels gets a new classifier layer.
-            ignore_mismatched_sizes=True,
-        )
+        return pooled_encoder.build(Path(source), id2label, LOSS)
 
     def predict(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(multi-hot predictions at ``DEFAULT_THRESHOLD``, sigmoid probabilities), both of ``logits``' shape."""
@@ -63,34 +58,22 @@ class MultiLabelHead:
         return (probs >= DEFAULT_THRESHOLD).astype(np.int64), probs
 
     def export_module(self, model_dir: Path) -> Any:
-        """The checkpoint at ``model_dir`` returning its logits (one per label): what is exported and checked."""
-        import torch
-        from transformers import AutoModelForSequenceClassification
+        """The model at ``model_dir`` in eval mode returning its logits (one per label): what is exported, checked and
+        (through the ONNX graph) evaluated."""
+        from finetune_flows.plugins.heads import pooled_encoder
 
-        class Logits(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = AutoModelForSequenceClassification.from_pretrained(
-                    str(model_dir), use_safetensors=True, attn_implementation="eager"
-                )
-
-            def forward(
-                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-            ) -> torch.Tensor:
-                inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-                return self.model(**{k: v for k, v in inputs.items() if v is not None}).logits
-
-        return Logits().eval()
+        return pooled_encoder.ExportedLogits(pooled_encoder.load(model_dir, attn_implementation="eager")).eval()
 
     def export_metadata(self, model_dir: Path) -> dict[str, str]:
-        """The label names by output index (``id2label`` as JSON) and ``problem_type``: the served model applies a
-        sigmoid per label, not a softmax."""
-        from transformers import AutoConfig
+        """The label names by output index (``id2label`` as JSON), ``problem_type`` (the served model applies a
+        sigmoid per label, not a softmax) and the pooling, for the record."""
+        from finetune_flows.plugins.heads.pooled_encoder import HEAD_CONFIG
 
-        id2label = AutoConfig.from_pretrained(str(model_dir)).id2label
+        saved = json.loads((Path(model_dir) / HEAD_CONFIG).read_text(encoding="utf-8"))
         return {
-            "id2label": json.dumps({str(k): v for k, v in id2label.items()}),
+            "id2label": json.dumps(saved["id2label"]),
             "problem_type": "multi_label_classification",
+            "pooling": saved["pooling"],
         }
 
     def tokenize(self, tokenizer: Any, batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
@@ -113,5 +96,8 @@ class MultiLabelHead:
         return {}
 
     def save_trained(self, model: Any, source_dir: Path, out_dir: Path) -> None:
-        """The Hugging Face checkpoint (config with labels and problem type, safetensors weights)."""
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+        """The encoder (Hugging Face format), the linear layer (safetensors) and ``pooled_head.json`` (labels,
+        pooling, problem type): what ``build_model`` warm-starts from and ``export_module`` loads."""
+        from finetune_flows.plugins.heads import pooled_encoder
+
+        pooled_encoder.save(model, out_dir)

@@ -1,7 +1,8 @@
 """The multi-label report: thresholds tuned per label on eval, micro/macro-F1, subset accuracy, per-label
 precision/recall/F1, and a TF-IDF + one-vs-rest LR baseline scored the same way.
 
-The evaluation scores eval (and test, reported only) with the trained checkpoint, picks each
+The evaluation scores eval (and test, reported only) with the exported ONNX graph through the served
+scorer (``tasks.serving.multilabel``), so what is measured is what is served; it picks each
 label's threshold on eval (``multilabel_metrics.tune_thresholds``) and applies those thresholds to
 both splits, as the served model will. The eval figures therefore saw their own thresholds being
 chosen (the test figures did not); ``untuned_micro_f1``/``untuned_macro_f1`` give eval at 0.5.
@@ -23,8 +24,7 @@ import numpy as np
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from finetune_flows.plugins import HEADS
-from finetune_flows.tasks.classification.evaluation import predict_logits
+from finetune_flows.plugins import HEADS, PluginError
 from finetune_flows.tasks.classification.multilabel_baseline import BASELINE_NAME, targets, tfidf_multilabel_baseline
 from finetune_flows.tasks.classification.multilabel_metrics import (
     DEFAULT_THRESHOLD,
@@ -36,7 +36,7 @@ from finetune_flows.tasks.classification.multilabel_metrics import (
 from finetune_flows.tasks.core.evaluating import EvalRequest, EvalResult
 from finetune_flows.tasks.core.reports import write_csv
 from finetune_flows.tasks.core.stages import StageContext, StageOutput
-from finetune_flows.tasks.serving.multilabel import LABEL_SEPARATOR, THRESHOLDS_ARTIFACT, sigmoid
+from finetune_flows.tasks.serving.multilabel import LABEL_SEPARATOR, THRESHOLDS_ARTIFACT, OnnxMultiLabelClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,18 @@ def comparison_markdown(metrics: dict[str, float], test: dict[str, float] | None
     return "\n".join([header, rule, *rows]) + "\n\n"
 
 
+def served_scorer(request: EvalRequest) -> OnnxMultiLabelClassifier:
+    """The served scorer of the exported graph (``request.onnx_path``) with the model's own tokenizer, at 0.5 for
+    every label; its labels must be the prepared data's, in order."""
+    scorer = OnnxMultiLabelClassifier(request.onnx_path, Path(request.model_dir) / "tokenizer.json")
+    if scorer.labels != request.labels:
+        raise PluginError(
+            f"head {request.head!r}: the graph {request.onnx_path} reports labels {scorer.labels}, "
+            f"the prepared data has {request.labels}"
+        )
+    return scorer
+
+
 class MultiLabelEvaluator:
     """The multi-label report (see the module doc)."""
 
@@ -127,11 +139,9 @@ class MultiLabelEvaluator:
         labels = request.labels
         present = [s for s in ("eval", "test") if (folder / f"{s}.parquet").is_file()]
         frames = {s: pd.read_parquet(folder / f"{s}.parquet") for s in present}
-        model_dir, batch = Path(request.model_dir), request.evaluation.batch_size
-        probs = {
-            s: sigmoid(predict_logits(model_dir, f["text"].tolist(), request.max_length, batch))
-            for s, f in frames.items()
-        }
+        scorer = served_scorer(request)
+        batch = request.evaluation.batch_size
+        probs = {s: scorer.probabilities(f["text"].astype(str).tolist(), batch) for s, f in frames.items()}
         truth = {s: targets(f) for s, f in frames.items()}
         thresholds = tune_thresholds(probs["eval"], truth["eval"])
         splits = {s: multilabel_metrics(truth[s], decide(probs[s], thresholds), labels) for s in frames}
