@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from finetune_flows.plugins.heads import softmax
+from finetune_flows.plugins.heads import id2label_metadata, logits_module, softmax
 from finetune_flows.plugins.specs import LabelKind
 
 
@@ -47,30 +46,11 @@ class SequenceClassificationHead:
 
     def export_module(self, model_dir: Path) -> Any:
         """The checkpoint at ``model_dir`` returning its logits: what is exported and checked."""
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        class Logits(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = AutoModelForSequenceClassification.from_pretrained(
-                    str(model_dir), use_safetensors=True, attn_implementation="eager"
-                )
-
-            def forward(
-                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-            ) -> torch.Tensor:
-                inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-                return self.model(**{k: v for k, v in inputs.items() if v is not None}).logits
-
-        return Logits().eval()
+        return logits_module("AutoModelForSequenceClassification", model_dir)
 
     def export_metadata(self, model_dir: Path) -> dict[str, str]:
         """The label names by class index (``id2label`` as JSON), which the served model reports."""
-        from transformers import AutoConfig
-
-        id2label = AutoConfig.from_pretrained(str(model_dir)).id2label
-        return {"id2label": json.dumps({str(k): v for k, v in id2label.items()})}
+        return id2label_metadata(model_dir)
 
     def tokenize(self, tokenizer: Any, batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
         """Token ids of ``text`` (truncated, unpadded), ``labels`` from ``label_id``, and which rows were cut."""

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from finetune_flows.plugins.heads import softmax
+from finetune_flows.plugins.heads import id2label_metadata, logits_module, softmax
 from finetune_flows.plugins.specs import LabelKind
 
 SPANS_COLUMN = "span_ids"
@@ -63,30 +63,11 @@ class TokenClassificationHead:
 
     def export_module(self, model_dir: Path) -> Any:
         """The checkpoint at ``model_dir`` returning its per-token logits: what is exported and checked."""
-        import torch
-        from transformers import AutoModelForTokenClassification
-
-        class Logits(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = AutoModelForTokenClassification.from_pretrained(
-                    str(model_dir), use_safetensors=True, attn_implementation="eager"
-                )
-
-            def forward(
-                self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-            ) -> torch.Tensor:
-                inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-                return self.model(**{k: v for k, v in inputs.items() if v is not None}).logits
-
-        return Logits().eval()
+        return logits_module("AutoModelForTokenClassification", model_dir)
 
     def export_metadata(self, model_dir: Path) -> dict[str, str]:
         """The tag names by id (``id2label`` as JSON), which the served model decodes spans with."""
-        from transformers import AutoConfig
-
-        id2label = AutoConfig.from_pretrained(str(model_dir)).id2label
-        return {"id2label": json.dumps({str(k): v for k, v in id2label.items()})}
+        return id2label_metadata(model_dir)
 
     def tokenize(self, tokenizer: Any, batch: dict[str, list[Any]], max_length: int) -> dict[str, list[Any]]:
         """Token ids of ``text`` (truncated, unpadded), a tag id per token from ``span_ids`` (-100 on special
