@@ -116,14 +116,21 @@ def type_into(element: Any, text: str) -> None:
 
 def custom_run_from_prefect_ui(driver: Any, prefect_url: str) -> None:
     """Deployments > sentiment-finetune > Run > Custom run; epochs 2; submit; wait for Completed."""
+    from prefect.client.orchestration import SyncPrefectClient
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(driver, 60)
+    # The deployments list pages by 10 and there are more than 10: find the deployment with the list's search box.
     driver.get(f"{prefect_url}/deployments")
+    search = wait.until(ec.element_to_be_clickable((By.XPATH, "//input[@placeholder='Search deployments...']")))
+    search.send_keys("sentiment-finetune")
     wait.until(ec.element_to_be_clickable((By.XPATH, "//a[normalize-space()='sentiment-finetune']"))).click()
+    with SyncPrefectClient(f"{prefect_url}/api") as client:
+        deployment_id = client.read_deployment_by_name("finetune/sentiment-finetune").id
+    wait.until(ec.url_contains(str(deployment_id)))
     wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Run']"))).click()
     wait.until(ec.element_to_be_clickable((By.XPATH, "//*[normalize-space()='Custom run']"))).click()
     wait.until(ec.presence_of_element_located((By.XPATH, "//span[normalize-space()='Epochs (Optional)']")))
