@@ -133,7 +133,8 @@ def test_sigterm_leaves_the_mlflow_run_killed_and_kill_9_leaves_it_running(runs)
 
 def test_gc_keeps_a_run_killed_by_kill_9_and_says_how_to_resume_it(runs) -> None:
     killed_dir, termed_dir = runs["killed"][0], runs["termed"][0]
-    lines = {line.split()[2]: line for line in ok(runs["gc"]).splitlines() if line.startswith(("keep", "free"))}
+    rows = [line for line in ok(runs["gc"]).splitlines() if line.startswith(("keep", "free"))]
+    lines = {next(w for w in line.split() if w.startswith("sentiment-")): line for line in rows}  # "keep 1.5 MB <name>"
     assert lines[killed_dir.name].startswith("keep"), lines
     assert (
         f"was interrupted (RUNNING, no process on it): `finetune-flows resume {killed_dir.name}`"
