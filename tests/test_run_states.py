@@ -137,7 +137,7 @@ def test_gc_keeps_a_run_killed_by_kill_9_and_says_how_to_resume_it(runs) -> None
     lines = {next(w for w in line.split() if w.startswith("sentiment-")): line for line in rows}  # "keep 1.5 MB <name>"
     assert lines[killed_dir.name].startswith("keep"), lines
     assert (
-        f"was interrupted (RUNNING, no process on it): `finetune-flows resume {killed_dir.name}`"
+        f"was interrupted (RUNNING, no process works on it): `finetune-flows resume {killed_dir.name}`"
         in lines[killed_dir.name]
     )
     assert lines[termed_dir.name].startswith("free") and "KILLED, no model version" in lines[termed_dir.name]
