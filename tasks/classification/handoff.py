@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from finetune_flows.plugins.heads import softmax as heads_softmax
 from finetune_flows.tasks.core.stages import StageContext, StageOutput
 from finetune_flows.tasks.serving.classifier import HANDOFF_ARTIFACT, OnnxTextClassifier
 
@@ -40,10 +41,8 @@ class HandoffPolicy(BaseModel):
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64."""
-    scaled = logits.astype(np.float64) / temperature
-    exp = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    return np.asarray(exp / exp.sum(axis=-1, keepdims=True))
+    """Row-wise softmax of ``logits / temperature`` in float64 (the heads' ``softmax``)."""
+    return np.asarray(heads_softmax(logits.astype(np.float64) / temperature))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import SCENARIOS, DataError
 from finetune_flows.plugins.readers import decode_utf8
+from finetune_flows.tasks.classification.multilabel_sources import find_folds
 from finetune_flows.tasks.classification.spans import tag_names
 from finetune_flows.tasks.core.config import DataConfig
 from finetune_flows.tasks.core.settings import get_settings
@@ -52,7 +52,6 @@ from finetune_flows.tasks.core.tables import DEFAULT_MAX_FILE_MB, MB, file_sha25
 logger = logging.getLogger(__name__)
 
 _VERSION = "1"
-FOLD = re.compile(r"^fold(\d+)\.json$")
 COLUMNS = ("text", "spans", "span_ids", "source")
 
 
@@ -90,21 +89,16 @@ class SlotData(PreparedData):
 
 
 def fold_files(folder: Path) -> dict[int, list[Path]]:
-    """NLU++ fold files by fold number: the folder's own ``foldN.json``, or those of its sub-folders."""
-    found: dict[int, list[Path]] = {}
-    own = [p for p in folder.iterdir() if p.is_file() and FOLD.match(p.name)]
-    candidates = own or [
-        p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in sub.iterdir() if FOLD.match(p.name)
-    ]
-    for path in sorted(candidates):
-        found.setdefault(int(FOLD.match(path.name).group(1)), []).append(path)  # type: ignore[union-attr]
-    if not found:
+    """NLU++ fold files by fold number: the folder's own ``foldN.json``, or those of its domain folders
+    (``multilabel_sources.find_folds``, joined by fold number)."""
+    found = find_folds(folder)
+    if found is None:
         raise DataError(
             "no NLU++ fold files (foldN.json) in the folder or its sub-folders",
             file=folder,
             hint="Give a folder such as nlupp/data/banking, or one JSON file",
         )
-    return dict(sorted(found.items()))
+    return {number: list(paths) for number, paths in found.folds.items()}
 
 
 def _span(path: Path, row: int, text: str, slot: str, value: Any) -> tuple[str, int, int]:
