@@ -142,9 +142,9 @@ class Blocker(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Blocker())
 import finetune_flows.flows.route  # the flow module and everything it imports
-from finetune_flows.tasks.routing.routing import route_messages
+from finetune_flows.tasks.routing.routing import RouteConfig, route_messages
 
-routes = route_messages(json.loads(sys.argv[1]))
+routes, _ = route_messages(json.loads(sys.argv[1]), RouteConfig(source="messages.csv"))
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print(json.dumps({"routes": routes.to_dict("records"), "loaded": loaded, "tried": sorted(set(tried))}))
 """
@@ -212,7 +212,7 @@ def test_csv_routes_are_formula_safe_and_parquet_keeps_the_text(in_state: Path, 
 def test_an_unknown_model_lists_the_registered_ones(registered: dict[str, str], in_state: Path) -> None:
     with pytest.raises(ConfigError, match=r"no version of registered model 'customer-service' has alias 'gold' in "
                        r"sqlite:///.*; its aliases: \['challenger', 'champion'\]"):  # fmt: skip
-        route_messages(["Where is my card"], MODEL, "gold")
+        route_messages(["Where is my card"], RouteConfig(source="m.csv", alias="gold"))
     result = run_cli(registered, "route", str(messages_csv(in_state.parent / "m.csv", TEXTS[:1])),
                      "--set", "model_name=customer-servcie")  # fmt: skip
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
@@ -221,3 +221,64 @@ def test_an_unknown_model_lists_the_registered_ones(registered: dict[str, str], 
         r"\['customer-service'\]\. Set model_name=<one of them>, or register one with `finetune-flows run",
         result.stderr,
     ), result.stderr[-3000:]
+
+
+# -- with a multi-label intent model and a slot model registered too -------------------------------------------
+
+EXTRAS = {"intents-multilabel": "intents", "slots": "slots"}
+
+
+@pytest.fixture(scope="module")
+def all_three(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A state folder holding version 1 of customer-service, intents-multilabel and slots (tiny model, champions)."""
+    folder = tmp_path_factory.mktemp("route-all")
+    env = services_environment(folder / "state")
+    data = {MODEL: ["--data", str(banking_csv(folder / "banking.csv", 72))], **{name: [] for name in EXTRAS}}
+    for scenario, extra in data.items():  # the NLU++ scenarios train on their bundled sample
+        result = run_cli(
+            env, "run", scenario, *extra, "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
+            "--set", "training.learning_rate=5e-3", "--set", "training.max_steps=4",
+            "--set", "training.eval_every_steps=2", timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return env
+
+
+def test_route_adds_the_intents_and_slots_of_the_registered_models(all_three: dict[str, str], tmp_path: Path) -> None:
+    texts = ["I want to cancel my transfer of 20 pounds, it doesn't work", "where is my card (1)"]
+    source = messages_csv(tmp_path / "messages.csv", texts)
+    out_path = tmp_path / "routes.parquet"
+    result = run_cli(all_three, "route", str(source), "--set", f"output_path={out_path}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    routes = pd.read_parquet(out_path)
+    assert list(routes.columns) == COLUMNS
+    state = Path(all_three["FINETUNE_FLOWS_STATE_DIR"])
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{state / 'mlflow.db'}")
+    try:  # each model's own served output, read independently of route
+        served = {
+            name: mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pd.DataFrame({"text": texts}))
+            for name in EXTRAS
+        }
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert routes["intents"].tolist() == served["intents-multilabel"]["labels"].tolist()
+    assert routes["slots"].tolist() == served["slots"]["slots"].tolist()
+    assert all(isinstance(json.loads(s), list) for s in routes["slots"])
+    routed_by = f"routed by models:/{MODEL}/1, models:/intents-multilabel/1, models:/slots/1 -> {out_path}"
+    assert result.stdout.splitlines()[-1] == f"2 messages, {int((routes['route'] == 'handoff').sum())} handed off, " + (
+        routed_by
+    )
+    shown = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("intents: ")]
+    assert len(shown) == sum(bool(i) or s != "[]" for i, s in zip(routes["intents"], routes["slots"], strict=True))
+
+
+def test_route_without_the_optional_models_leaves_their_columns_empty(in_state: Path, tmp_path: Path) -> None:
+    source = messages_csv(tmp_path / "messages.csv", ["Where is my new card (1)"])
+    result = route_file(RouteConfig(source=str(source), output_path=str(tmp_path / "r.parquet")))
+    routes = pd.read_parquet(result.output_path)
+    assert routes[["intents", "slots"]].to_dict("records") == [{"intents": "", "slots": ""}]
+    assert result.also_routed_by == []
+    with pytest.raises(ConfigError, match=r"no registered model 'slots' in sqlite:///.*; registered models: "
+                       r"\['customer-service'\]"):  # fmt: skip
+        route_file(RouteConfig(source=str(source), slots_model="slots"))  # named by the user: must be there

@@ -7,6 +7,7 @@ here, so the command line still lists plugins without torch.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,20 @@ def write_routes(result: Any) -> None:
         link = f" [{row.link}]" if row.link else ""
         out.write(f"{row.route:<8} {row.confidence:.3f}  {intent:<28} {_short(row.text, 50)!r}\n")
         out.write(f"{'':<16}-> {_short(row.reply, 300)}{link}\n")
+        if row.intents or row.slots not in ("", "[]"):
+            out.write(f"{'':<16}   intents: {row.intents or '-'}  slots: {_slots(row.slots)}\n")
     if result.rows > ROUTES_SHOWN:
         out.write(f"... {result.rows - ROUTES_SHOWN} more\n")
     out.write(
-        f"{result.rows} messages, {result.handoffs} handed off, routed by {result.model_uri} -> {result.output_path}\n"
+        f"{result.rows} messages, {result.handoffs} handed off, routed by "
+        f"{', '.join([result.model_uri, *result.also_routed_by])} -> {result.output_path}\n"
     )
+
+
+def _slots(slots: str) -> str:
+    """A route's ``slots`` JSON as ``slot=text`` pairs; ``-`` for none."""
+    found = json.loads(slots) if slots else []
+    return ", ".join(f"{s['slot']}={s['text']!r}" for s in found) or "-"
 
 
 def _short(text: str, limit: int) -> str:

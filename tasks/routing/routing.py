@@ -1,4 +1,4 @@
-"""Routing customer messages with a registered intent model: an intent and its reply, or a hand-off to a person.
+"""Routing customer messages with registered models: an intent and its reply, or a hand-off to a person.
 
 ``route_messages`` loads ``models:/<name>@<alias>`` (resolved to its version, as the alias may move)
 as the served pyfunc (the ONNX graph on onnxruntime; torch is never imported) and reads the two
@@ -8,6 +8,11 @@ files every ``customer-service`` version ships with it: the reply templates (``a
 reply and help-page link; one below the policy's confidence threshold is handed to a person with
 ``HANDOFF_REPLY``. A version without a hand-off policy answers every message with its intent.
 
+Where a multi-label intent model (``intents-multilabel``) and a slot model (``slots``) are registered
+with the same alias, every message also gets their output: ``intents`` (``;``-separated, e.g.
+``cancel;transfer_payment;not_working``) and ``slots`` (a JSON list of slot, text, start, end).
+Without them those columns stay empty; a model named by the user but not registered is an error.
+
 ``route_file`` reads a table of messages (``read_table``: CSV, TSV, JSONL or Parquet, every problem
 a ``DataError`` naming file, row, column and value), routes them and writes the routes as a
 formula-safe CSV or as Parquet; ``route_batch`` is its Prefect task, ``publish_routes`` shows the
@@ -16,7 +21,6 @@ result in the Prefect UI.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -30,12 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune_flows.plugins.errors import ConfigError, DataError
 from finetune_flows.tasks.classification.answers import ANSWERS_ARTIFACT, Answer, read_answers
-from finetune_flows.tasks.core.data_checks import CONTROL_CHARACTERS
-from finetune_flows.tasks.core.reports import write_csv
 from finetune_flows.tasks.core.secrets import guard, redact
 from finetune_flows.tasks.core.settings import get_settings
-from finetune_flows.tasks.core.tables import read_table, records
+from finetune_flows.tasks.core.tables import records
+from finetune_flows.tasks.routing.messages import read_messages, write_routes
+from finetune_flows.tasks.routing.registered import ServedModel, find_version, resolve_version
 from finetune_flows.tasks.serving.classifier import HANDOFF_ARTIFACT
+from finetune_flows.tasks.serving.slots import SLOTS_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +48,14 @@ HANDOFF_REPLY = "Let me connect you with a colleague."
 """The reply of every message handed to a person."""
 INTENT, HANDOFF = "intent", "handoff"
 """The two values of the ``route`` column."""
-COLUMNS = ["text", "route", "intent", "confidence", "reply", "link", "model_version"]
+COLUMNS = ["text", "route", "intent", "confidence", "reply", "link", "intents", "slots", "model_version"]
+"""``intents`` and ``slots`` are empty where no multi-label intent or slot model routed."""
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 PREVIEW_ROWS = 50
 """Rows carried in ``RouteResult.first`` and shown in the table artifact."""
 TOP_INTENTS = 10
+OPTIONAL_MODELS = (("intents", "intents_model", "intents-multilabel"), ("slots", "slots_model", "slots"))
+"""(output column, RouteConfig field, the scenario that registers such a model)."""
 
 
 class RouteConfig(BaseModel):
@@ -67,11 +75,28 @@ class RouteConfig(BaseModel):
     alias: str = Field(
         default="champion", pattern=r"^[\w-]{1,100}$", description="Alias of the model version that routes."
     )
+    intents_model: str | None = Field(
+        default="intents-multilabel",
+        max_length=200,
+        description="Registered multi-label intent model (same alias) whose intents each message also gets, where it "
+        "is registered. Empty: none.",
+    )
+    slots_model: str | None = Field(
+        default="slots",
+        max_length=200,
+        description="Registered slot model (same alias) whose slots each message also gets, where it is registered. "
+        "Empty: none.",
+    )
     output_path: str | None = Field(
         default=None,
         max_length=1000,
         description="CSV or Parquet file (by suffix) for the routes. Empty: <state>/routes/<name>-v<n>-<time>.csv",
     )
+
+    @field_validator("intents_model", "slots_model")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("output_path")
     @classmethod
@@ -93,6 +118,8 @@ class RoutedMessage(BaseModel):
     confidence: float
     reply: str
     link: str
+    intents: str = ""
+    slots: str = ""
 
 
 class RouteResult(BaseModel):
@@ -106,35 +133,9 @@ class RouteResult(BaseModel):
     intents: dict[str, int] = Field(description=f"Messages answered per intent, the {TOP_INTENTS} most frequent.")
     model_uri: str
     model_version: str
+    also_routed_by: list[str] = Field(default=[], description="The multi-label intent and slot models that routed.")
     first: list[RoutedMessage] = Field(description=f"The first {PREVIEW_ROWS} routes, as written.")
     seconds: float
-
-
-def read_messages(path: Path, text_column: str = "text") -> list[str]:
-    """The messages in ``path``'s ``text_column``: a missing column, no rows, an empty message or a control
-    character is a ``DataError`` naming file, row, column and value."""
-    frame = read_table(path)
-    if text_column not in frame.columns:
-        raise DataError(
-            f"missing column {text_column!r}; columns found: {list(frame.columns)}",
-            file=path,
-            column=text_column,
-            hint="Name the messages' column with text_column=<name>",
-        )
-    if frame.empty:
-        raise DataError("no data rows: the file has a header only", file=path)
-    texts = frame[text_column].astype(str).tolist()
-    for row, text in enumerate(texts, start=1):
-        if not text.strip():
-            raise DataError("empty message", file=path, row=row, column=text_column, value=text)
-        found = CONTROL_CHARACTERS.search(text)
-        if found:
-            raise DataError(
-                f"control character {found.group()!r} at position {found.start()}",
-                file=path, row=row, column=text_column, value=text,
-                hint="Remove NUL and other control characters (tab, newline and carriage return are allowed)",
-            )  # fmt: skip
-    return texts
 
 
 def routes_of(
@@ -171,59 +172,69 @@ def routes_of(
             "confidence": predicted["score"].astype(float).to_numpy(),
             "reply": reply,
             "link": link,
+            "intents": "",
+            "slots": "",
             "model_version": model_version,
         },
         columns=COLUMNS,
     )
 
 
-def resolve_version(model_name: str, alias: str) -> str:
-    """The version ``model_name@alias`` points to now; an unknown model is a ``ConfigError`` listing the registered
-    ones, an unknown alias one listing the model's aliases. Uses the tracking URI already set."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def optional_models(config: RouteConfig) -> dict[str, str]:
+    """The optional models that route too, by output column (``intents``, ``slots``) -> version: a default name that
+    is not registered (with the alias) is left out; a name the user set must be there (``resolve_version``)."""
+    found: dict[str, str] = {}
+    for column, field, scenario in OPTIONAL_MODELS:
+        name = getattr(config, field)
+        if name is None:
+            continue
+        if field in config.model_fields_set:
+            found[column] = resolve_version(name, config.alias, field, scenario)
+        elif (version := find_version(name, config.alias)) is not None:
+            found[column] = version
+        else:
+            logger.info("route: no %s@%s registered, so no %s column", name, config.alias, column)
+    return found
 
-    client = mlflow.MlflowClient()
-    try:
-        return str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as exc:
-        where = redact(mlflow.get_tracking_uri())
-        names = sorted(m.name for m in client.search_registered_models(max_results=1000))
-        if model_name not in names:
-            raise ConfigError(
-                f"no registered model {model_name!r} in {where}; registered models: {names or 'none'}. Set "
-                "model_name=<one of them>, or register one with `finetune-flows run customer-service`"
-            ) from exc
-        aliases = sorted(client.get_registered_model(model_name).aliases)
+
+def extra_columns(served: ServedModel, column: str, texts: list[str]) -> list[str]:
+    """The ``intents`` (``;``-joined labels) or ``slots`` (JSON list) of ``texts`` from a multi-label or slot model."""
+    predicted = served.predict(texts)
+    source = "labels" if column == "intents" else SLOTS_COLUMN
+    if source not in predicted.columns:
         raise ConfigError(
-            f"no version of registered model {model_name!r} has alias {alias!r} in {where}; its aliases: {aliases}"
-        ) from exc
+            f"{served.uri} is not a {'multi-label intent' if column == 'intents' else 'slot'} model: its output has "
+            f"columns {list(predicted.columns)[:10]}, not {source!r}"
+        )
+    return predicted[source].astype(str).tolist()
 
 
-def route_messages(texts: Sequence[str], model_name: str = "customer-service", alias: str = "champion") -> pd.DataFrame:
-    """Route ``texts`` with ``models:/<model_name>@<alias>``: one row per text with ``COLUMNS``."""
+def route_messages(texts: Sequence[str], config: RouteConfig) -> tuple[pd.DataFrame, list[str]]:
+    """Route ``texts`` with ``models:/<config.model_name>@<config.alias>`` and the optional models: one row per text
+    with ``COLUMNS``, and the URIs of the optional models that routed."""
     import mlflow
-    from mlflow.models import Model
 
     mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
-    version = resolve_version(model_name, alias)
-    uri = f"models:/{model_name}/{version}"
+    version = resolve_version(config.model_name, config.alias)
+    extras = optional_models(config)
+    names = {column: getattr(config, field) for column, field, _ in OPTIONAL_MODELS}
     with tempfile.TemporaryDirectory(prefix="route-") as scratch:
-        folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=scratch))
-        shipped = Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts", {})
-        if ANSWERS_ARTIFACT not in shipped:
+        served = ServedModel(config.model_name, version, Path(scratch))
+        if ANSWERS_ARTIFACT not in served.shipped:
             raise ConfigError(
-                f"{uri} ships no reply templates (artifacts: {sorted(shipped)}); route needs an intent model "
-                "registered with answers.csv, e.g. by `finetune-flows run customer-service`"
+                f"{served.uri} ships no reply templates (artifacts: {sorted(served.shipped)}); route needs an intent "
+                "model registered with answers.csv, e.g. by `finetune-flows run customer-service`"
             )
-        answers = read_answers(folder / shipped[ANSWERS_ARTIFACT]["path"])
-        handoff_label = None
-        if HANDOFF_ARTIFACT in shipped:
-            policy = json.loads((folder / shipped[HANDOFF_ARTIFACT]["path"]).read_text(encoding="utf-8"))
-            handoff_label = str(policy.get("label", HANDOFF))
-        model = mlflow.pyfunc.load_model(str(folder))
-        predicted = model.predict(pd.DataFrame({"text": list(texts)}))
-    return routes_of(texts, predicted, answers, handoff_label, version)
+        answers = read_answers(served.shipped[ANSWERS_ARTIFACT])
+        policy = served.shipped_json(HANDOFF_ARTIFACT)
+        handoff_label = str(policy.get("label", HANDOFF)) if policy is not None else None
+        routes = routes_of(texts, served.predict(list(texts)), answers, handoff_label, version)
+        uris = []
+        for column, extra_version in extras.items():
+            extra = ServedModel(str(names[column]), extra_version, Path(scratch))
+            routes[column] = extra_columns(extra, column, list(texts))
+            uris.append(extra.uri)
+    return routes, uris
 
 
 def default_output(model_name: str, version: str, when: datetime) -> Path:
@@ -231,20 +242,11 @@ def default_output(model_name: str, version: str, when: datetime) -> Path:
     return get_settings().state / "routes" / f"{model_name}-v{version}-{when:%Y%m%dT%H%M%SZ}.csv"
 
 
-def write_routes(routes: pd.DataFrame, path: Path) -> Path:
-    """Parquet for a .parquet path (the data as it is), a formula-safe report CSV otherwise; returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".parquet":
-        routes.to_parquet(path, index=False)
-        return path
-    return write_csv(routes, path)
-
-
 def route_file(config: RouteConfig) -> RouteResult:
     """Read the configured messages, route them and write the routes; returns where they are and a summary."""
     started = datetime.now(UTC)
     texts = read_messages(Path(config.source).expanduser(), config.text_column)
-    routes = route_messages(texts, config.model_name, config.alias)
+    routes, also_routed_by = route_messages(texts, config)
     version = str(routes["model_version"].iloc[0])
     out = Path(config.output_path) if config.output_path else default_output(config.model_name, version, started)
     write_routes(routes, out)
@@ -260,6 +262,7 @@ def route_file(config: RouteConfig) -> RouteResult:
         intents={str(k): int(v) for k, v in answered.head(TOP_INTENTS).items()},
         model_uri=f"models:/{config.model_name}/{version}",
         model_version=version,
+        also_routed_by=also_routed_by,
         first=[RoutedMessage.model_validate(r) for r in first],
         seconds=seconds,
     )
