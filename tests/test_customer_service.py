@@ -190,9 +190,9 @@ def test_a_baseline_that_cannot_be_fitted_leaves_the_report_as_it_was(tmp_path: 
 
 def test_run_registers_a_version_with_the_baseline_and_the_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    train = banking_csv(tmp_path / "banking.csv", 72)  # 288 rows: 10% eval + train give the parity gate 256 texts
+    train = banking_csv(tmp_path / "banking.csv", 96)  # 384 rows: 3 intents' train + eval give the parity gate 256
     result = run_cli(
-        services_environment(state), "run", SCENARIO, "--data", str(train),
+        services_environment(state), "run", SCENARIO, "--data", str(train), "--set", "data.held_out_labels=1",
         "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
         "--set", "training.learning_rate=5e-3", "--set", "training.max_steps=4", "--set", "training.eval_every_steps=2",
         timeout=600,
@@ -233,3 +233,12 @@ def test_run_registers_a_version_with_the_baseline_and_the_answers(tiny_model_di
     assert (served["label"] == "handoff").tolist() == below.tolist()
     assert (served.loc[~below, "label"] == served.loc[~below, "intent"]).all()
     assert "Hand-off below calibrated confidence" in out
+
+    # One intent (seeded) left out of training: its eval rows measure the hand-off as out-of-scope messages.
+    held = re.search(r"held-out labels (\w+)\)", out)
+    assert held, out[-3000:]
+    id2label = json.loads((folder / "artifacts" / "model" / "config.json").read_text(encoding="utf-8"))["id2label"]
+    assert held.group(1) in {intent_name(raw) for raw in MESSAGES} and held.group(1) not in id2label.values()
+    assert len(id2label) == len(MESSAGES) - 1
+    assert 0.0 <= metrics["handoff_eval_oos_recall"] <= 1.0 and 0.0 <= metrics["handoff_eval_oos_precision"] <= 1.0
+    assert re.search(r"\| eval \| \d+ \+ \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out[-3000:]

@@ -8,9 +8,13 @@ correctly at ``evaluation.handoff_precision`` (default 0.95): below it the serve
 ``handoff`` instead of an intent. The policy (``handoff.json``: temperature, threshold) ships with the
 model; the run gets the coverage/accuracy curve (a PNG in MLflow, a table in Prefect) on eval and test.
 
-Out-of-scope messages are wrong whatever intent they get, so ``answered_precision`` counts them as
-errors and ``out_of_scope_rates`` gives the out-of-scope recall and precision of the hand-off;
-bench/handoff_heldout.py measures them with intents held out of training.
+Out-of-scope messages are wrong whatever intent they get. Where ingest set some aside
+(``out_of_scope.parquet``: ``data.out_of_scope_label`` rows, or the eval and test rows of the
+``data.held_out_labels`` left out of training; ``tasks.core.out_of_scope``), they join each split as
+messages answered wrongly: the curve and the accuracy of the answered count them, and
+``out_of_scope_rates`` gives the out-of-scope recall and precision of the hand-off. With
+``evaluation.handoff_out_of_scope_recall`` set, the threshold is instead the lowest that hands off that
+share of the eval split's out-of-scope messages. bench/handoff_heldout.py runs it on Banking77.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins.heads import softmax as heads_softmax
+from finetune_flows.tasks.core.out_of_scope import OUT_OF_SCOPE_FILE
 from finetune_flows.tasks.core.stages import StageContext, StageOutput
 from finetune_flows.tasks.serving.classifier import HANDOFF_ARTIFACT, OnnxTextClassifier
 
@@ -75,6 +80,12 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float)
     return float(thresholds[reaching[-1]]) if len(reaching) else float(np.nextafter(confidence.max(), np.inf))
 
 
+def recall_threshold(out_of_scope_confidence: np.ndarray, recall: float) -> float:
+    """The lowest threshold that hands off at least ``recall`` of the out-of-scope messages (confidence below it)."""
+    needed = int(np.ceil(recall * len(out_of_scope_confidence)))
+    return float(np.nextafter(np.sort(out_of_scope_confidence)[needed - 1], np.inf)) if needed else 0.0
+
+
 def answered_precision(confidence: np.ndarray, correct: np.ndarray, threshold: float) -> tuple[float, float]:
     """(coverage, precision) at ``threshold``: the share answered, and the share of those answered correctly."""
     answered = confidence >= threshold
@@ -89,6 +100,23 @@ def out_of_scope_rates(confidence: np.ndarray, out_of_scope: np.ndarray, thresho
     recall = float(handed[out_of_scope].mean()) if out_of_scope.any() else 0.0
     precision = float(out_of_scope[handed].mean()) if handed.any() else 0.0
     return recall, precision
+
+
+def out_of_scope_confidence(
+    scorer: OnnxTextClassifier, path: Path, temperature: float, splits: list[str]
+) -> dict[str, np.ndarray]:
+    """Calibrated confidence of the out-of-scope messages ingest set aside, per split; none when it set none aside."""
+    import pandas as pd
+
+    if not path.is_file():
+        return {}
+    rows = pd.read_parquet(path)
+    found = {}
+    for split in splits:
+        texts = rows.loc[rows["split"] == split, "text"].tolist()
+        if texts:
+            found[split] = softmax(scorer.logits(texts), temperature).max(axis=-1)
+    return found
 
 
 def plot_curve(curves: dict[str, tuple[np.ndarray, np.ndarray]], policy: HandoffPolicy, path: Path) -> Path:
@@ -126,11 +154,23 @@ def fit_handoff(context: StageContext) -> StageOutput:
     }
     scored = {s: (scorer.logits(f["text"].tolist()), f["label_id"].to_numpy()) for s, f in splits.items() if len(f)}
     logits, labels = scored["eval"]
-    temperature = fit_temperature(logits, labels)
+    temperature = fit_temperature(logits, labels)  # in-scope messages only: they have a right answer
     target = context.config.evaluation.handoff_precision
     confidence = {s: softmax(x, temperature).max(axis=-1) for s, (x, _) in scored.items()}
     correct = {s: softmax(x, temperature).argmax(axis=-1) == y for s, (x, y) in scored.items()}
-    threshold = choose_threshold(confidence["eval"], correct["eval"], target)
+    outside = out_of_scope_confidence(scorer, dataset / OUT_OF_SCOPE_FILE, temperature, list(scored))
+    for split, found in outside.items():  # out of scope: answered wrongly whatever the intent
+        confidence[split] = np.concatenate([confidence[split], found])
+        correct[split] = np.concatenate([correct[split], np.zeros(len(found), dtype=bool)])
+    recall_target = context.config.evaluation.handoff_out_of_scope_recall
+    if recall_target is not None and len(outside.get("eval", [])):
+        threshold = recall_threshold(outside["eval"], recall_target)
+        chosen_for = f"{recall_target:g} out-of-scope recall"
+    else:
+        if recall_target is not None:
+            logger.warning("hand-off: no out-of-scope eval messages, so the threshold is chosen for %g accuracy", target)
+        threshold = choose_threshold(confidence["eval"], correct["eval"], target)
+        chosen_for = f"{target:g} accuracy of the answered"
     policy = HandoffPolicy(temperature=temperature, threshold=threshold, target_precision=target)
 
     folder = Path(context.run.run_dir) / "handoff"
@@ -141,18 +181,24 @@ def fit_handoff(context: StageContext) -> StageOutput:
     for split in scored:
         coverage, precision = answered_precision(confidence[split], correct[split], policy.threshold)
         metrics.update({f"handoff_{split}_coverage": coverage, f"handoff_{split}_precision": precision})
+        recall, oos_precision, n_out = float("nan"), float("nan"), len(outside.get(split, []))
+        if n_out:
+            is_out = np.arange(len(correct[split])) >= len(correct[split]) - n_out
+            recall, oos_precision = out_of_scope_rates(confidence[split], is_out, policy.threshold)
+            metrics.update({f"handoff_{split}_oos_recall": recall, f"handoff_{split}_oos_precision": oos_precision})
+        in_scope = correct[split][: len(correct[split]) - n_out].mean()
         rows.append(
-            f"| {split} | {len(correct[split])} | {correct[split].mean():.4f} | {coverage:.4f} | {precision:.4f} |"
+            f"| {split} | {len(correct[split]) - n_out} + {n_out} | {in_scope:.4f} | {coverage:.4f} | {precision:.4f} "
+            f"| {recall:.4f} | {oos_precision:.4f} |"
         )
     curves = {s: answer_curve(confidence[s], correct[s])[1:] for s in scored}
     png = plot_curve(curves, policy, folder / "coverage_accuracy.png")
     report = folder / "handoff.md"
     report.write_text(
         f"## Hand-off below calibrated confidence {policy.threshold:.4f} (temperature {temperature:.3f}, chosen "
-        f"on eval for {target:g} accuracy of the answered)\n\n"
-        "| split | messages | accuracy (all answered) | coverage | accuracy of the answered |\n|---|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n",
+        f"on eval for {chosen_for})\n\n"
+        "| split | messages (in scope + out of scope) | in-scope accuracy | coverage | accuracy of the answered "
+        "| out-of-scope recall | out-of-scope precision |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n",
         encoding="utf-8",
     )
     mlflow.set_tracking_uri(context.run.tracking_uri())

@@ -64,6 +64,8 @@ def ingest_options(data: DataConfig, scenario_name: str, seed: int) -> IngestOpt
         max_rows=data.max_rows,
         max_text_bytes=data.max_text_bytes,
         max_imbalance_ratio=data.max_imbalance_ratio,
+        held_out_labels=data.held_out_labels,
+        out_of_scope_label=data.out_of_scope_label,
     )
 
 

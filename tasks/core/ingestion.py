@@ -34,6 +34,7 @@ from finetune_flows.plugins import DataError
 from finetune_flows.plugins.specs import Scenario
 from finetune_flows.tasks.core.config import format_label_map
 from finetune_flows.tasks.core.data_checks import class_imbalance, clean_rows, resolve_columns
+from finetune_flows.tasks.core.out_of_scope import OUT_OF_SCOPE, OUT_OF_SCOPE_FILE, describe, held_out_labels, set_aside
 from finetune_flows.tasks.core.splits import describe_splits, frame_hash, stratified_split
 from finetune_flows.tasks.core.stages import PreparedData
 from finetune_flows.tasks.core.tables import file_sha256, read_table
@@ -61,6 +62,8 @@ class IngestOptions(BaseModel):
     max_rows: int = 5_000_000
     max_text_bytes: int = 100_000
     max_imbalance_ratio: float = 20.0
+    held_out_labels: int = 0
+    out_of_scope_label: str | None = None
 
 
 class IngestResult(PreparedData):
@@ -87,6 +90,10 @@ class IngestResult(PreparedData):
     """Which rows train, select, evaluate and test, and where each came from."""
     class_imbalance: str | None = None
     """``"597:3 (199x) positive/negative"`` when the training classes are more imbalanced than allowed; else None."""
+    out_of_scope_rows: int = 0
+    """Eval and test rows set aside as out of scope (``tasks.core.out_of_scope``), in ``out_of_scope.parquet``."""
+    held_out_labels: list[str] = []
+    """Labels left out of training whose eval and test rows are out of scope (``data.held_out_labels``)."""
 
     def provenance(self) -> dict[str, str]:
         """Run and version tags naming the files read (absolute paths, sha256) and the label map."""
@@ -123,7 +130,10 @@ def _read_labelled(path: Path, scenario: Scenario, options: IngestOptions) -> tu
     """Validated rows of ``path`` and its (text, label) column names."""
     frame = read_table(path, scenario, max_file_mb=options.max_file_mb, max_rows=options.max_rows)
     text_col, label_col = resolve_columns(frame, path, scenario, options)
-    rows = clean_rows(frame, path, text_col, label_col, scenario, options.label_map, options.max_text_bytes)
+    label_map = dict(options.label_map or {})
+    if options.out_of_scope_label:
+        label_map[options.out_of_scope_label] = OUT_OF_SCOPE
+    rows = clean_rows(frame, path, text_col, label_col, scenario, label_map, options.max_text_bytes)
     return rows, text_col, label_col
 
 
@@ -192,6 +202,13 @@ def ingest_files(
             train = train.iloc[keep]
             sources[split] = f"{fraction:.0%} of {'train' if split == 'select' else train_file.name}, stratified"
 
+    try:
+        held_out = held_out_labels(train["label"], options.held_out_labels, options.seed)
+    except ValueError as exc:
+        raise DataError(f"{exc}: a classifier needs at least two", file=train_file, column=label_col) from exc
+    train, kept, out_of_scope = set_aside(train, {s: h[0] for s, h in held.items()}, held_out)
+    held = {split: (kept[split], file, part_label) for split, (_, file, part_label) in held.items()}
+
     if options.max_train_rows is not None and len(train) > options.max_train_rows:
         train = train.sample(n=options.max_train_rows, random_state=options.seed).sort_index()
 
@@ -229,9 +246,11 @@ def ingest_files(
         part.assign(label_id=part["label"].map(label2id)).reset_index(drop=True).to_parquet(
             out / f"{name}.parquet", index=False
         )
+    if not out_of_scope.empty:
+        out_of_scope.to_parquet(out / OUT_OF_SCOPE_FILE, index=False)
     test = parts.get("test")
     rows = {split: len(part) for split, part in parts.items()}
-    splits = describe_splits(rows, sources)
+    splits = "; ".join(filter(None, [describe_splits(rows, sources), describe(out_of_scope, held_out)]))
     select_text = f"{rows['select']} select / " if rows.get("select") else ""
     result = IngestResult(
         dataset_dir=str(out),
@@ -254,6 +273,8 @@ def ingest_files(
         label_map=format_label_map(options.label_map) if options.label_map else None,
         splits=splits,
         class_imbalance=class_imbalance(train["label"], options.max_imbalance_ratio),
+        out_of_scope_rows=len(out_of_scope),
+        held_out_labels=held_out,
         summary=(
             f"{len(train)} train / {select_text}{len(parts['eval'])} eval / "
             f"{len(test) if test is not None else 0} test rows, labels {', '.join(classes)}"

@@ -129,6 +129,19 @@ class DataConfig(_Frozen):
             "training rows of the smallest; not an error."
         ),
     )
+    held_out_labels: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Labels (chosen with the seed) left out of training; their eval and test rows measure out-of-scope "
+        "hand-off (the model will not know them: for measuring). 0: none.",
+    )
+    out_of_scope_label: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Raw label value of out-of-scope rows (e.g. 'oos'): never trained on; their eval and test rows "
+        "measure the hand-off. Empty: none.",
+    )
 
     @field_validator("label_map")
     @classmethod
@@ -256,6 +269,13 @@ class EvaluationConfig(_Frozen):
         lt=1.0,
         description="Scenarios with a hand-off stage: the accuracy the answered messages must reach on eval; "
         "below the confidence threshold that gives it, the served model answers 'handoff'.",
+    )
+    handoff_out_of_scope_recall: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Instead: the share of eval's out-of-scope messages (data.out_of_scope_label or "
+        "data.held_out_labels) the hand-off must catch. Empty: choose by handoff_precision.",
     )
 
 
