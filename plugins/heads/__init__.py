@@ -9,6 +9,12 @@ from typing import Any
 import numpy as np
 
 
+def new_layers(head: Any) -> tuple[str, ...]:
+    """Names of the modules ``head.build_model`` adds on top of the pretrained encoder (``head.new_layers``, e.g.
+    ``("classifier",)``): a LoRA adapter trains them in full. A head without the attribute adds none."""
+    return tuple(getattr(head, "new_layers", ()))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax over the last axis, computed stably in float64."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)

@@ -70,6 +70,8 @@ class BiEncoderHead:
     scale: ClassVar[float] = 20.0
     """Cosine similarities are multiplied by this in training; served as the graph's ``score_scale`` metadata."""
     export_output: ClassVar[str] = "embedding"
+    new_layers: ClassVar[tuple[str, ...]] = ()
+    """None: the score is the pooled encoder itself, so a LoRA adapter trains the adapter only."""
 
     def build_model(self, source: str, id2label: dict[int, str]) -> Any:
         """The encoder at ``source`` wrapped so that ``forward`` returns the in-batch ranking loss.

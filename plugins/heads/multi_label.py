@@ -41,6 +41,8 @@ class MultiLabelHead:
     evaluator: ClassVar[str] = "finetune_flows.tasks.classification.multilabel:MultiLabelEvaluator"
     serving_entry: ClassVar[str] = "finetune_flows.tasks.serving.multilabel_model"
     export_output: ClassVar[str] = "logits"
+    new_layers: ClassVar[tuple[str, ...]] = ("classifier",)
+    """Modules built on top of the encoder, trained in full under a LoRA adapter (``adapter.train_modules``)."""
     target_column: ClassVar[str] = "multi_hot"
     """Column of the prepared dataset with the float multi-hot targets."""
 

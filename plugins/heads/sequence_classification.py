@@ -22,6 +22,8 @@ class SequenceClassificationHead:
     evaluator: ClassVar[str] = "finetune_flows.tasks.classification.evaluation:ClassificationEvaluator"
     serving_entry: ClassVar[str] = "finetune_flows.tasks.serving.classifier_model"
     export_output: ClassVar[str] = "logits"
+    new_layers: ClassVar[tuple[str, ...]] = ("classifier",)
+    """Modules built on top of the encoder, trained in full under a LoRA adapter (``adapter.train_modules``)."""
 
     def build_model(self, source: str, id2label: dict[int, str]) -> Any:
         """Load the encoder at ``source`` (a local folder) with a fresh or matching classifier."""

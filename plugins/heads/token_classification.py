@@ -39,6 +39,8 @@ class TokenClassificationHead:
     evaluator: ClassVar[str] = "finetune_flows.tasks.classification.slots:SlotEvaluator"
     serving_entry: ClassVar[str] = "finetune_flows.tasks.serving.slots_model"
     export_output: ClassVar[str] = "logits"
+    new_layers: ClassVar[tuple[str, ...]] = ("classifier",)
+    """Modules built on top of the encoder, trained in full under a LoRA adapter (``adapter.train_modules``)."""
     aligner: ClassVar[str] = "finetune_flows.tasks.classification.spans:align_spans"
     """"module:function" that tags one text's tokens from its spans and offsets."""
 

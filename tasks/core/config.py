@@ -1,10 +1,10 @@
 """The typed parameter models of the ``finetune`` and ``retrain`` flows; Prefect renders them as the run forms.
 
-One frozen model with shallow sections (data, model, training, infrastructure, evaluation, registration,
-export, ranking; see ``tasks.core.sections``); plugin names are checked against the registry; fields left
-out take the scenario's defaults. ``FinetuneConfig.for_scenario`` applies ``key=value`` overrides such as
-``training.epochs=2`` (``tasks.core.overrides``). ``RetrainConfig`` is the fine-tune model plus the data
-folder and the schedule slot.
+One frozen model with shallow sections (data, model, training, adapter, infrastructure, evaluation,
+registration, export, ranking; see ``tasks.core.sections`` and ``tasks.core.adapters``); plugin names are
+checked against the registry; fields left out take the scenario's defaults. ``FinetuneConfig.for_scenario``
+applies ``key=value`` overrides such as ``training.epochs=2`` (``tasks.core.overrides``). ``RetrainConfig`` is
+the fine-tune model plus the data folder and the schedule slot.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Self
 from pydantic import Field, field_validator, model_validator
 
 from finetune_flows.plugins import HEADS, SCENARIOS, ConfigError
+from finetune_flows.tasks.core.adapters import AdapterConfig, TrainingMethod
 from finetune_flows.tasks.core.overrides import (
     format_label_map,
     known_scenario,
@@ -42,6 +43,7 @@ from finetune_flows.tasks.core.sections import (
 
 __all__ = [
     "MINILM",
+    "AdapterConfig",
     "ClassWeighting",
     "DataConfig",
     "EvaluationConfig",
@@ -55,6 +57,7 @@ __all__ = [
     "RegistrationConfig",
     "RetrainConfig",
     "TrainingConfig",
+    "TrainingMethod",
     "format_label_map",
     "known_scenario",
     "label_map_problem",
@@ -74,6 +77,7 @@ class FinetuneConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     infrastructure: InfrastructureConfig = Field(default_factory=InfrastructureConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)

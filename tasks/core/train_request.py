@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.plugins import HEADS
+from finetune_flows.tasks.core.adapters import AdapterConfig
 from finetune_flows.tasks.core.config import FinetuneConfig, InfrastructureConfig, TrainingConfig
 from finetune_flows.tasks.core.stages import PreparedData
 from finetune_flows.tasks.core.tokenization import TokenizeResult
@@ -40,6 +41,10 @@ class TrainResult(BaseModel):
     """Sum of all final weights (float64): equal across the ranks of one DDP run, and across runs that agree."""
     checkpoint_split: str | None = "eval"
     """The split that chose the checkpoint and stopped training early ("select" or "eval"); None: the last one."""
+    trained_parameters: int = 0
+    """Parameters that training changed (a LoRA adapter: the adapter and the modules trained in full)."""
+    total_parameters: int = 0
+    """All parameters of the trained model (with an adapter: the frozen encoder, the adapter and copies)."""
 
 
 class TrainRequest(BaseModel):
@@ -52,6 +57,10 @@ class TrainRequest(BaseModel):
     head: str
     id2label: dict[int, str]
     training: TrainingConfig
+    adapter: AdapterConfig = AdapterConfig()
+    """Full fine-tune or LoRA adapter (``tasks.core.adapters``)."""
+    model_source: str = ""
+    """``model.source`` as configured (what an adapter's ``base.json`` names); empty: ``model_dir``."""
     infrastructure: InfrastructureConfig = InfrastructureConfig()
     primary_metric: str
     run: RunInfo
@@ -75,6 +84,8 @@ def fine_tune_request(
         head=config.head_name,
         id2label=data.id2label,
         training=config.training,
+        adapter=config.adapter,
+        model_source=config.model.source,
         infrastructure=config.infrastructure,
         primary_metric=config.primary_metric,
         run=run,

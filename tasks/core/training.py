@@ -10,6 +10,7 @@ Early stopping on the scenario's metric, measured on the dataset's ``select`` sp
 marked complete when fully written, so a killed run resumes from the last complete one with
 Trainer's own resume, loading no pickles: ``resumable_trainer``; once training succeeded only those
 ``training.keep_checkpoints`` names stay, without their resume state),
+with ``adapter.method=lora`` a LoRA adapter over the frozen encoder, saved apart and merged (``adapters``),
 bf16 autocast only where the hardware runs it fast, metrics streamed to the active MLflow run
 by Trainer's own MLflow callback, and extra callbacks (the Prefect progress artifact) passed in.
 """
@@ -24,6 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from finetune_flows.plugins import HEADS
+from finetune_flows.tasks.core.adapters import (
+    ADAPTER_SUBDIR,
+    AdapterConfig,
+    TrainingMethod,
+    merge_adapter,
+    save_adapter,
+    trainable_parameters,
+    weights_sha256,
+    wrap_with_adapter,
+)
 from finetune_flows.tasks.core.checkpoints import drop_resume_state, resume_point
 from finetune_flows.tasks.core.config import ClassWeighting, KeepCheckpoints, Precision, TrainingConfig
 from finetune_flows.tasks.core.evaluating import evaluator_for
@@ -51,10 +62,16 @@ def train_model(
     callbacks: list[Any] | None = None,
     report_to_mlflow: bool = False,
     resume: bool = False,
+    adapter: AdapterConfig | None = None,
+    base_source: str = "",
 ) -> TrainResult:
     """Fine-tune the encoder at ``model_dir`` with ``head_name``'s model, batches and options; the best (or, for a
     head that does not evaluate while training, the last) model lands in ``run_dir/model``. With ``resume``,
-    training continues from the last complete checkpoint in ``run_dir`` (from the start when there is none)."""
+    training continues from the last complete checkpoint in ``run_dir`` (from the start when there is none).
+
+    With ``adapter.method`` lora, a LoRA adapter trains over the frozen encoder (``tasks.core.adapters``); the
+    adapter is saved to ``run_dir/adapter`` (naming ``base_source``, default ``model_dir``) and merged, so
+    ``run_dir/model`` is a plain checkpoint either way."""
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments, set_seed
@@ -65,6 +82,14 @@ def train_model(
     head = HEADS.get(head_name)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
     model = head.build_model(str(model_dir), id2label)
+    lora = adapter is not None and adapter.method is TrainingMethod.LORA
+    if adapter is not None and lora:
+        model = wrap_with_adapter(model, head, adapter)
+    trained_parameters, total_parameters = trainable_parameters(model)
+    logger.info(
+        "%s: %d of %d parameters train (%.2f%%)", "LoRA adapter" if lora else "full fine-tune",
+        trained_parameters, total_parameters, 100.0 * trained_parameters / max(total_parameters, 1),
+    )  # fmt: skip
     train_set = load_from_disk(str(tokenized_dir / "train"))
     chooser = checkpoint_split(head_name, (tokenized_dir / "select").is_dir())
     eval_set = load_from_disk(str(tokenized_dir / (chooser or "eval")))
@@ -155,9 +180,14 @@ def train_model(
     last_eval = evaluations[-1] if evaluations else {}
 
     final_dir = run_dir / "model"
+    trained = trainer.model
+    if lora:  # the adapter on its own, then merged: the saved model is a plain checkpoint
+        if trainer.is_world_process_zero():
+            save_adapter(trained, run_dir / ADAPTER_SUBDIR, base_source or str(model_dir), weights_sha256(model_dir))
+        trained = merge_adapter(trained)
     if trainer.is_world_process_zero():  # the main process writes the model
         final_dir.mkdir(parents=True, exist_ok=True)
-        head.save_trained(trainer.model, model_dir, final_dir)
+        head.save_trained(trained, model_dir, final_dir)
         for name in TOKENIZER_FILES:  # keep the original tokenizer files byte for byte (their hash is the identity)
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, final_dir / name)
@@ -175,8 +205,10 @@ def train_model(
         best_metric=trainer.state.best_metric,
         eval_metrics={k: float(v) for k, v in last_eval.items() if isinstance(v, int | float)},
         world_size=args.world_size,
-        weights_checksum=weights_checksum(model),
+        weights_checksum=weights_checksum(trained),
         checkpoint_split=chooser if evaluates and args.load_best_model_at_end else None,
+        trained_parameters=trained_parameters,
+        total_parameters=total_parameters,
     )
 
 
@@ -208,6 +240,8 @@ def train_tracked(request: TrainRequest, callbacks: list[Any] | None = None) -> 
             callbacks=callbacks,
             report_to_mlflow=main_process,
             resume=request.resume,
+            adapter=request.adapter,
+            base_source=request.model_source,
         )
 
     if not main_process:

@@ -2,7 +2,8 @@
 
 Whatever the head, the registered version is an MLflow models-from-code pyfunc (the head's
 ``serving_entry``) that runs the parity-checked ONNX graph with the model's own tokenizer and
-ships a self-contained copy of ``tasks/serving`` (no finetune-flows needed to serve it). The
+ships a self-contained copy of ``tasks/serving`` (no finetune-flows needed to serve it). A LoRA run's
+version keeps its small adapter too (artifact ``adapter``, over the base its ``base.json`` names). The
 scenario's ``BEFORE_REGISTER`` stages add files (the finance topic encoder, the ranking table)
 and tags. The input example is the run's own first eval rows. A champion measured on another
 eval set is re-scored by the head's evaluation on this run's eval data.
@@ -18,6 +19,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from finetune_flows.plugins import HEADS, PluginError
+from finetune_flows.tasks.core.adapters import ADAPTER_SUBDIR, TrainingMethod
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.evaluating import EvalResult, eval_request, evaluator_for
 from finetune_flows.tasks.core.ingestion import IngestResult
@@ -65,8 +67,9 @@ def version_tags(
     exported: ExportResult,
     extras: list[StageOutput],
 ) -> dict[str, str]:
-    """What a version records about itself: data identity (files read, their sha256, the label map), which split
-    chose the checkpoint, parity, headline metrics, the scenario stages' tags."""
+    """What a version records about itself: data identity (files read, their sha256, the label map), the training
+    method (and an adapter's base), which split chose the checkpoint, parity, headline metrics, the scenario stages'
+    tags."""
     test = evaluation.test_metrics or {}
     chooser = checkpoint_split(config.head_name, tokens.select_rows > 0)
     return {
@@ -77,6 +80,8 @@ def version_tags(
         "tokenizer_hash": tokens.tokenizer_hash,
         "onnx_max_abs_diff": f"{exported.max_abs_diff:.3g}",
         "model_source": config.model.source,
+        "adapter.method": config.adapter.method.value,
+        **({"adapter.base": config.model.source} if config.adapter.method is TrainingMethod.LORA else {}),
         **(data.provenance() if isinstance(data, IngestResult) else {}),
         **({} if chooser is None else {"eval.selected_checkpoint": str(chooser == "eval").lower()}),
         **{f"eval.{k}": f"{evaluation.metrics[k]:.4f}" for k in evaluation.headline if k in evaluation.metrics},
@@ -101,6 +106,7 @@ def register_version(
 
     mlflow.set_tracking_uri(run.tracking_uri())
     head = HEADS.get(config.head_name)
+    adapter = Path(run.run_dir) / ADAPTER_SUBDIR  # a LoRA run's adapter (its base.json names the base), kept too
     tags = version_tags(config, data, tokens, evaluation, exported, extras)
     with mlflow.start_run(run_id=run.run_id):
         mlflow.set_tags(tags)
@@ -113,6 +119,7 @@ def register_version(
             ONNX_ARTIFACT: exported.onnx_path,
             TOKENIZER_ARTIFACT: str(Path(model_dir) / "tokenizer.json"),
             HF_SUBDIR: model_dir,
+            **({ADAPTER_SUBDIR: str(adapter)} if adapter.is_dir() else {}),
             **{name: path for extra in extras for name, path in extra.served_artifacts.items()},
         },
         code_paths=served_code_paths(Path(run.run_dir) / "served_code"),
