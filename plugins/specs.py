@@ -8,7 +8,7 @@ Plugins must not import torch at module import time: listing plugins imports the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -56,6 +56,9 @@ class ScenarioDefaults:
     test_fraction: float = 0.0
     parity_tolerance: float = 1e-4
     """The ONNX parity gate's largest allowed |output difference| (``export.tolerance``)."""
+    search_space: dict[str, Any] = field(default_factory=dict)
+    """The ``tune`` flow's search space for this scenario: ``SearchSpace`` field -> value (e.g.
+    ``{"learning_rate_high": 3e-4}``); fields left out are derived from the values above."""
 
 
 class StageHook(StrEnum):

@@ -1,0 +1,1 @@
+"""Hyperparameter search for the ``tune`` flow: the search space, the Optuna study and one trial."""
