@@ -4,6 +4,8 @@
     finetune-flows run <scenario> [--data TRAIN [EVAL]] [--set key=value ...]
     finetune-flows run [<scenario>] --help          (every config field: type, default, bounds)
     finetune-flows resume <run folder | MLflow run id>
+    finetune-flows pretrain [--set key=value ...]      (masked-LM training on unlabelled text)
+    finetune-flows tune <scenario> [--trials N] [--study NAME] [--set key=value ...] [--space field=value ...]
     finetune-flows gc [--yes]
     finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
     finetune-flows route FILE [--set key=value ...]
@@ -23,7 +25,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from finetune_flows.flows.cli.output import write_monitor_summary, write_recommendations, write_routes, write_summary
+from finetune_flows.flows.cli.output import (
+    write_monitor_summary,
+    write_pretrain_summary,
+    write_recommendations,
+    write_routes,
+    write_summary,
+)
 from finetune_flows.flows.cli.settings_help import RunHelp
 
 logger = logging.getLogger("finetune_flows.flows.cli.main")
@@ -77,6 +85,46 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from finetune_flows.tasks.core.resuming import resume_config
 
     write_summary(run_flow(finetune, resume_config(args.run, parse_overrides(args.set or []))))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from finetune_flows.tasks.core.config import parse_overrides, validated
+    from finetune_flows.tasks.tuning.config import TuneConfig
+
+    values: dict[str, Any] = {"scenario": args.scenario, "overrides": args.set or []}
+    values.update(space=parse_overrides(args.space or []), study_name=args.study, register_best=not args.no_register)
+    limits = (("n_trials", args.trials), ("timeout_minutes", args.timeout_minutes))
+    values.update({key: value for key, value in limits if value is not None})
+    config = validated(TuneConfig, values)
+    _prepare_environment()
+    from finetune_flows.flows.tune import tune
+
+    summary = run_flow(tune, config)
+    sys.stdout.write(
+        f"\n=== finetune-flows: study {summary.study_name} ({summary.study_file}) ===\n"
+        f"trials           : {summary.trials_run} run now; {summary.complete} complete, {summary.pruned} pruned, "
+        f"{summary.failed} failed in all\n"
+        f"best             : trial {summary.best_trial}, eval {summary.metric} {summary.best_value:.4f}\n"
+        + "".join(f"  {key} = {value}\n" for key, value in summary.best_values.items())
+    )
+    if summary.finetune is not None:
+        write_summary(summary.finetune)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from finetune_flows.tasks.core.config import parse_overrides, set_dotted, validated
+    from finetune_flows.tasks.pretraining.config import PretrainConfig
+
+    values: dict[str, Any] = {}
+    for key, value in parse_overrides(args.set or []).items():
+        set_dotted(values, key, value)
+    config = validated(PretrainConfig, values)
+    _prepare_environment()
+    from finetune_flows.flows.pretrain import pretrain
+
+    write_pretrain_summary(run_flow(pretrain, config))
     return 0
 
 
@@ -231,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="change an export.*, evaluation.* or registration.* field"
     )
     resume.set_defaults(func=cmd_resume)
+    tuning = commands.add_parser(
+        "tune", help="search training hyperparameters with Optuna; train, register and gate the best"
+    )
+    tuning.add_argument("scenario", help="scenario name (see `finetune-flows plugins`)")
+    tuning.add_argument("--trials", type=int, help="finished trials the study should hold (default 10)")
+    tuning.add_argument("--study", metavar="NAME", help="study name; an existing study is resumed")
+    tuning.add_argument("--timeout-minutes", type=float, help="start no new trial after this many minutes")
+    tuning.add_argument("--set", action="append", metavar="KEY=VALUE", help="the base run's settings, as for run")
+    tuning.add_argument(
+        "--space", action="append", metavar="FIELD=VALUE", help="a search space field, e.g. learning_rate_high=3e-4"
+    )
+    tuning.add_argument("--no-register", action="store_true", help="report the best values only; train nothing more")
+    tuning.set_defaults(func=cmd_tune)
+    adapt = commands.add_parser(
+        "pretrain", help="continue masked-LM training of the encoder on unlabelled text; register the adapted encoder"
+    )
+    adapt.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="a field, e.g. corpus.kind=file corpus.path=texts.csv"
+    )
+    adapt.set_defaults(func=cmd_pretrain)
     watch = commands.add_parser("monitor", help="score new texts with the champion and alert on negative spikes")
     watch.add_argument("source", help="a CSV/JSONL batch file (timestamp,source,text) or a folder of them")
     watch.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. window_minutes=30")

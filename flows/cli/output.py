@@ -39,6 +39,24 @@ def write_summary(summary: Any) -> None:
         out.write("\n" + Path(report).read_text(encoding="utf-8"))
 
 
+def write_pretrain_summary(summary: Any) -> None:
+    """The ``PretrainSummary`` of a finished ``pretrain`` run, on stdout."""
+    out = sys.stdout
+    out.write("\n=== finetune-flows: pretrain run complete ===\n")
+    out.write(f"registered model : {summary.model_name} version {summary.version}\n")
+    out.write(f"aliases          : {', '.join(summary.aliases) or 'none'}\n")
+    out.write(f"promotion        : {summary.decision}\n")
+    out.write(f"corpus           : {summary.corpus}\n")
+    out.write(f"MLM head         : {'built (the checkpoint had none)' if summary.head_built else 'loaded'}\n")
+    out.write(
+        f"held-back loss   : {summary.loss_before:.4f} -> {summary.loss_after:.4f} "
+        f"(perplexity {summary.perplexity_before:.1f} -> {summary.perplexity_after:.1f})\n"
+    )
+    out.write(f"training         : {summary.steps} steps, {summary.train_seconds:.0f} s\n")
+    alias = "champion" if "champion" in summary.aliases else "challenger"
+    out.write(f"fine-tune from it: --set model.source=models:/{summary.model_name}@{alias}\n")
+
+
 def write_monitor_summary(summary: Any, config: Any) -> None:
     """The ``MonitorSummary`` of a finished ``monitor`` run, for its ``MonitorConfig``, on stdout."""
     out = sys.stdout

@@ -1,0 +1,1 @@
+"""Domain- and task-adaptive pre-training: masked-language-model training of the encoder on unlabelled text."""
