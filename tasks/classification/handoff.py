@@ -168,7 +168,7 @@ def fit_handoff(context: StageContext) -> StageOutput:
         chosen_for = f"{recall_target:g} out-of-scope recall"
     else:
         if recall_target is not None:
-            logger.warning("hand-off: no out-of-scope eval messages, so the threshold is chosen for %g accuracy", target)
+            logger.warning("hand-off: no out-of-scope eval messages; threshold chosen for %g accuracy", target)
         threshold = choose_threshold(confidence["eval"], correct["eval"], target)
         chosen_for = f"{target:g} accuracy of the answered"
     policy = HandoffPolicy(temperature=temperature, threshold=threshold, target_precision=target)
