@@ -2,7 +2,9 @@
 
 Sources (``CorpusKind``): a text column of any table file (``read_table``, so the same size caps and
 ``DataError`` messages as fine-tuning); the labelled texts of a scenario with their labels dropped
-(its bundled sample, or a file read the scenario's way); the texts the monitor stored. Every text is
+(only its training split: the rows ``finetune-flows run <scenario>`` trains on with its defaults, split by the
+same ingest, so no eval or test text of the fine-tune is ever pre-trained on; a scenario with its own
+data preparation gives its training file); the texts the monitor stored. Every text is
 checked like a labelled one: an empty text, a control character or a text over ``max_text_bytes``
 is a ``DataError`` naming file, row, column and value. Distinct texts only; a seeded share is held
 back to measure the MLM loss before and after training. The result is cached by content.
@@ -150,15 +152,28 @@ def read_texts(config: PretrainConfig) -> tuple[list[str], list[Path]]:
         return texts_of_file(path, corpus.text_column, corpus).tolist(), [path]
     if corpus.kind is CorpusKind.MONITOR:
         return texts_of_monitor(corpus).tolist(), [monitor_store(corpus)]
-    if corpus.path:
-        files = [Path(corpus.path).expanduser()]
-    else:
-        sample = SCENARIOS.get(config.scenario).sample()
-        if sample is None:
-            raise DataError(f"scenario {config.scenario!r} bundles no sample", hint="Set corpus.path")
-        files = [sample.train, *([sample.eval] if sample.eval else [])]
-    texts = [t for f in files for t in texts_of_file(f, corpus.text_column, corpus, config.scenario)]
-    return texts, files
+    return scenario_training_texts(config)
+
+
+def scenario_training_texts(config: PretrainConfig) -> tuple[list[str], list[Path]]:
+    """The texts of the training split of ``finetune-flows run <scenario>`` with the scenario's defaults (and
+    ``corpus.path`` as its training file when given): eval and test rows never reach pre-training."""
+    from finetune_flows.plugins.specs import StageHook
+    from finetune_flows.tasks.core.config import FinetuneConfig
+    from finetune_flows.tasks.core.data_preparation import data_files, ingest_options
+    from finetune_flows.tasks.core.ingestion import ingest_files
+
+    corpus, scenario = config.corpus, SCENARIOS.get(config.scenario)
+    overrides = {"data.train_path": str(Path(corpus.path).expanduser())} if corpus.path else {}
+    finetune = FinetuneConfig.for_scenario(config.scenario, overrides)
+    train, eval_file, test = data_files(finetune.data, scenario)
+    if any(stage.hook is StageHook.PREPARE for stage in scenario.extra_stages):  # its own splits: the training file
+        return texts_of_file(train, corpus.text_column, corpus, config.scenario).tolist(), [train]
+    options = ingest_options(finetune.data, config.scenario, finetune.training.seed)
+    ingested = ingest_files(train, eval_file, scenario, options, get_settings().cache_dir, test)
+    texts = pd.read_parquet(Path(ingested.dataset_dir) / "train.parquet")["text"].astype(str).tolist()
+    logger.info("corpus: the training split of scenario %s (%s)", config.scenario, ingested.splits)
+    return texts, [train]
 
 
 def split_texts(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
