@@ -40,20 +40,26 @@ TEXTS = [f"{text} ({n})" for texts in MESSAGES.values() for text in texts for n 
 FORMULA = '=HYPERLINK("http://example.com/x","click")'
 
 
+EXTRAS = ("intents-multilabel", "slots")
+"""The optional models route adds; the module's state registers version 1 of each next to customer-service."""
+
+
 @pytest.fixture(scope="module")
 def registered(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment of a state folder holding customer-service version 1 (tiny model, the champion)."""
+    """The environment of a state folder holding version 1 (tiny model, the champion) of customer-service and of the
+    optional intents-multilabel and slots models (trained on their bundled NLU++ sample)."""
     folder = tmp_path_factory.mktemp("route")
     env = services_environment(folder / "state")
     train = banking_csv(folder / "banking.csv", 72)  # 288 rows, as in test_customer_service
-    result = run_cli(
-        env, "run", MODEL, "--data", str(train), "--set", f"model.source={tiny_model_dir}",
-        "--set", "model.max_length=32", "--set", "training.learning_rate=5e-3",
-        "--set", "training.max_steps=30", "--set", "training.eval_every_steps=10",
-        timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "version          : 1" in result.stdout
+    runs = {MODEL: ["--data", str(train), "--set", "training.max_steps=30", "--set", "training.eval_every_steps=10"]}
+    runs |= {name: ["--set", "training.max_steps=4", "--set", "training.eval_every_steps=2"] for name in EXTRAS}
+    for scenario, options in runs.items():
+        result = run_cli(
+            env, "run", scenario, *options, "--set", f"model.source={tiny_model_dir}",
+            "--set", "model.max_length=32", "--set", "training.learning_rate=5e-3", timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert "version          : 1" in result.stdout
     return env
 
 
@@ -183,7 +189,8 @@ def test_the_command_prints_intents_handoffs_and_replies(registered: dict[str, s
     handoffs = int((routes["route"] == "handoff").sum())
     lines = result.stdout.splitlines()
     assert "=== finetune-flows: route complete ===" in lines
-    assert lines[-1] == f"{len(TEXTS)} messages, {handoffs} handed off, routed by models:/{MODEL}/1 -> {out_path}"
+    routed_by = f"models:/{MODEL}/1, models:/intents-multilabel/1, models:/slots/1"
+    assert lines[-1] == f"{len(TEXTS)} messages, {handoffs} handed off, routed by {routed_by} -> {out_path}"
     shown = [line for line in lines if line.startswith(("intent ", "handoff "))]
     assert len(shown) == 10 and f"... {len(TEXTS) - 10} more" in lines
     for line, row in zip(shown, routes.itertuples(), strict=False):
@@ -218,41 +225,24 @@ def test_an_unknown_model_lists_the_registered_ones(registered: dict[str, str], 
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-5000:]
     assert re.search(
         r"finetune-flows: error: no registered model 'customer-servcie' in sqlite:///\S+; registered models: "
-        r"\['customer-service'\]\. Set model_name=<one of them>, or register one with `finetune-flows run",
+        r"\['customer-service', 'intents-multilabel', 'slots'\]\. Set model_name=<one of them>, or register one "
+        r"with `finetune-flows run",
         result.stderr,
     ), result.stderr[-3000:]
 
 
-# -- with a multi-label intent model and a slot model registered too -------------------------------------------
-
-EXTRAS = {"intents-multilabel": "intents", "slots": "slots"}
+# -- the optional multi-label intent and slot models ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def all_three(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A state folder holding version 1 of customer-service, intents-multilabel and slots (tiny model, champions)."""
-    folder = tmp_path_factory.mktemp("route-all")
-    env = services_environment(folder / "state")
-    data = {MODEL: ["--data", str(banking_csv(folder / "banking.csv", 72))], **{name: [] for name in EXTRAS}}
-    for scenario, extra in data.items():  # the NLU++ scenarios train on their bundled sample
-        result = run_cli(
-            env, "run", scenario, *extra, "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
-            "--set", "training.learning_rate=5e-3", "--set", "training.max_steps=4",
-            "--set", "training.eval_every_steps=2", timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return env
-
-
-def test_route_adds_the_intents_and_slots_of_the_registered_models(all_three: dict[str, str], tmp_path: Path) -> None:
+def test_route_adds_the_intents_and_slots_of_the_registered_models(registered: dict[str, str], tmp_path: Path) -> None:
     texts = ["I want to cancel my transfer of 20 pounds, it doesn't work", "where is my card (1)"]
     source = messages_csv(tmp_path / "messages.csv", texts)
     out_path = tmp_path / "routes.parquet"
-    result = run_cli(all_three, "route", str(source), "--set", f"output_path={out_path}")
+    result = run_cli(registered, "route", str(source), "--set", f"output_path={out_path}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     routes = pd.read_parquet(out_path)
     assert list(routes.columns) == COLUMNS
-    state = Path(all_three["FINETUNE_FLOWS_STATE_DIR"])
+    state = Path(registered["FINETUNE_FLOWS_STATE_DIR"])
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{state / 'mlflow.db'}")
     try:  # each model's own served output, read independently of route
@@ -273,12 +263,25 @@ def test_route_adds_the_intents_and_slots_of_the_registered_models(all_three: di
     assert len(shown) == sum(bool(i) or s != "[]" for i, s in zip(routes["intents"], routes["slots"], strict=True))
 
 
-def test_route_without_the_optional_models_leaves_their_columns_empty(in_state: Path, tmp_path: Path) -> None:
+def test_optional_models_left_out_named_or_not_registered(in_state: Path, tmp_path: Path) -> None:
     source = messages_csv(tmp_path / "messages.csv", ["Where is my new card (1)"])
-    result = route_file(RouteConfig(source=str(source), output_path=str(tmp_path / "r.parquet")))
-    routes = pd.read_parquet(result.output_path)
+    empty = route_file(RouteConfig(source=str(source), output_path=str(tmp_path / "r.parquet"), intents_model="",
+                                   slots_model=""))  # fmt: skip
+    routes = pd.read_parquet(empty.output_path)
     assert routes[["intents", "slots"]].to_dict("records") == [{"intents": "", "slots": ""}]
-    assert result.also_routed_by == []
-    with pytest.raises(ConfigError, match=r"no registered model 'slots' in sqlite:///.*; registered models: "
-                       r"\['customer-service'\]"):  # fmt: skip
-        route_file(RouteConfig(source=str(source), slots_model="slots"))  # named by the user: must be there
+    assert empty.also_routed_by == []
+    # Only customer-service has alias "gold": the default optional models are skipped, a named one is an error.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{in_state / 'mlflow.db'}")
+    client.set_registered_model_alias(MODEL, "gold", "1")
+    try:
+        gold = route_file(RouteConfig(source=str(source), alias="gold", output_path=str(tmp_path / "g.parquet")))
+        assert gold.also_routed_by == [] and pd.read_parquet(gold.output_path)["slots"].tolist() == [""]
+        with pytest.raises(ConfigError, match=r"no version of registered model 'slots' has alias 'gold' in "
+                           r"sqlite:///.*; its aliases: \['challenger', 'champion'\]"):  # fmt: skip
+            route_file(RouteConfig(source=str(source), alias="gold", slots_model="slots"))
+        with pytest.raises(ConfigError, match=r"no registered model 'slot' in sqlite:///.*; registered models: "
+                           r"\[.*'slots'\]\. Set slots_model=<one of them>, or register one with `finetune-flows "
+                           r"run slots`"):  # fmt: skip
+            route_file(RouteConfig(source=str(source), slots_model="slot"))
+    finally:
+        client.delete_registered_model_alias(MODEL, "gold")
