@@ -14,18 +14,14 @@ are the normal ones, and that run is nested under the tune run too.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.flows.finetune import FinetuneSummary, run_pipeline
-from finetune_flows.plugins import ConfigError
 from finetune_flows.tasks.core.data_preparation import ingest_data, prepare_data
 from finetune_flows.tasks.core.failures import failing_stage, stage_failed
 from finetune_flows.tasks.core.model_source import fetch_model
@@ -33,6 +29,7 @@ from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tokenization import tokenize_data
 from finetune_flows.tasks.core.tracking import RunInfo, end_run, fail_run, release_run_folder, start_run, tag_run
 from finetune_flows.tasks.tuning.config import TuneConfig
+from finetune_flows.tasks.tuning.results import SearchOutcome, link_best_run, record_best
 from finetune_flows.tasks.tuning.space import suggest
 from finetune_flows.tasks.tuning.study import (
     finished_trials,
@@ -41,7 +38,6 @@ from finetune_flows.tasks.tuning.study import (
     open_study,
     storage_url,
     study_file,
-    study_table,
 )
 from finetune_flows.tasks.tuning.trial import TrialRequest, TrialResult, open_trial_run, run_trial
 
@@ -51,25 +47,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class TuneSummary(BaseModel):
+class TuneSummary(SearchOutcome):
     """What a finished search found, and the run that trained its best values."""
 
-    model_config = ConfigDict(frozen=True)
-
-    study_name: str
-    study_file: str
-    metric: str
-    """The scenario's primary metric; a trial's value is its best ``eval_<metric>`` while training."""
-    trials_run: int
-    """Trials this call ran (a resumed study had others already)."""
-    complete: int
-    pruned: int
-    failed: int
-    best_trial: int
-    best_value: float
-    best_values: dict[str, Any]
-    """The best trial's training values as dotted overrides (``training.learning_rate`` ...)."""
-    tune_run_id: str
     finetune: FinetuneSummary | None = None
     """The normal run of the best values (``register_best``)."""
 
@@ -90,11 +70,6 @@ def tune(config: TuneConfig = TuneConfig()) -> TuneSummary:  # noqa: B008
         return run_tune(config)
     except Exception as exc:
         return stage_failed(exc, STAGES)
-
-
-def artifact_key(study_name: str) -> str:
-    """A Prefect artifact key for the study (lowercase letters, digits and dashes)."""
-    return "tune-" + re.sub(r"[^a-z0-9-]+", "-", study_name.lower()).strip("-")
 
 
 def run_tune(config: TuneConfig) -> TuneSummary:
@@ -175,44 +150,10 @@ def search(config: TuneConfig, name: str, study: optuna.Study, run: RunInfo) -> 
 def report_best(
     config: TuneConfig, name: str, study: optuna.Study, run: RunInfo, results: list[TrialResult]
 ) -> TuneSummary:
-    """Log the best trial to the tune run, publish the trial table, and run the pipeline on the best values."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    states = [trial.state.name for trial in study.get_trials(deepcopy=False)]
-    counts = {state: states.count(state) for state in ("COMPLETE", "PRUNED", "FAIL")}
-    metric = config.base_config().primary_metric
-    create_table_artifact(
-        key=artifact_key(name),
-        table=study_table(study),
-        description=f"Trials of study {name} ({config.scenario}); value: the best eval {metric} while training",
-    )
-    if not counts["COMPLETE"]:
-        raise ConfigError(
-            f"study {name!r}: no trial completed ({counts['PRUNED']} pruned, {counts['FAIL']} failed); loosen the "
-            "pruning (pruning=off, a later pruning_warmup_evals) or widen the search space, and resume the study"
-        )
-    best = study.best_trial
-    assert best.value is not None  # (a complete trial has its value; narrows the type for mypy)
-    overrides: dict[str, Any] = best.user_attrs["overrides"]
-    client = MlflowClient(tracking_uri=run.tracking_uri())
-    client.log_batch(
-        run.run_id,
-        metrics=[Metric(f"best_{metric}", best.value, int(time.time() * 1000), 0)],
-        params=[Param(f"best.{key}", str(value)) for key, value in overrides.items()],
-    )
-    tag_run(run, {"tune.best_trial": str(best.number), "tune.trials": str(len(states))})
-    summary = TuneSummary(
-        study_name=name, study_file=str(study_file(get_settings().state / "tuning", name)), metric=metric,
-        trials_run=len(results), complete=counts["COMPLETE"], pruned=counts["PRUNED"], failed=counts["FAIL"],
-        best_trial=best.number, best_value=best.value, best_values=overrides, tune_run_id=run.run_id,
-    )  # fmt: skip
-    logger.info("tune %s: best trial %d, %s %.4f with %s", name, best.number, metric, best.value, overrides)
+    """Record the best trial and the trial table, then train, register and gate the best values as a normal run."""
+    summary = TuneSummary(**record_best(config, name, study, run, len(results)).model_dump())
     if not config.register_best:
         return summary
-    final = run_pipeline(config.trial_config(overrides))
-    client.set_tag(final.run_id, MLFLOW_PARENT_RUN_ID, run.run_id)
-    client.set_tag(final.run_id, "tune.study", name)
-    tag_run(run, {"tune.best_run_id": final.run_id})
+    final = run_pipeline(config.trial_config(summary.best_values))
+    link_best_run(run, final.run_id, name)
     return summary.model_copy(update={"finetune": final})
