@@ -17,14 +17,14 @@ from finetune_flows.flows.train import run_training, train_stage
 from finetune_flows.tasks.core.config import FinetuneConfig
 from finetune_flows.tasks.core.data_preparation import ingest_data, prepare_data
 from finetune_flows.tasks.core.evaluating import eval_request, evaluate_model
-from finetune_flows.tasks.core.failures import failing_stage, stage_failed
+from finetune_flows.tasks.core.failures import ending_run, stage_failed
 from finetune_flows.tasks.core.ingestion import IngestResult
 from finetune_flows.tasks.core.launching import fine_tune, hand_off_training
 from finetune_flows.tasks.core.model_source import fetch_model
 from finetune_flows.tasks.core.resuming import reopen_run
 from finetune_flows.tasks.core.stages import StageContext, run_before_register
 from finetune_flows.tasks.core.tokenization import tokenize_data
-from finetune_flows.tasks.core.tracking import RunInfo, end_run, fail_run, release_run_folder, start_run
+from finetune_flows.tasks.core.tracking import RunInfo, start_run
 from finetune_flows.tasks.core.train_request import fine_tune_request
 from finetune_flows.tasks.export.model_export import export_model
 from finetune_flows.tasks.publishing.stage import register_version
@@ -85,22 +85,8 @@ def run_pipeline(config: FinetuneConfig) -> FinetuneSummary:
     open leaves that run FAILED, an interruption (SIGTERM, Ctrl-C) KILLED, naming the stage; either can be resumed
     (``config.resume``)."""
     run = reopen_run(config) if config.resume else start_run(config)
-    try:
+    with ending_run(run, STAGES):
         return run_stages(config, run)
-    except Exception as exc:
-        try:
-            fail_run(run, failing_stage(exc, STAGES))
-        except Exception as marking:  # the stage's own error is the one to report
-            exc.add_note(f"the MLflow run {run.run_id} could not be marked FAILED: {marking}")
-        raise
-    except BaseException as exc:  # SIGTERM (Prefect raises TerminationSignal) or Ctrl-C: interrupted, resumable
-        try:
-            end_run(run, "KILLED", failing_stage(exc, STAGES))
-        except Exception as marking:
-            exc.add_note(f"the MLflow run {run.run_id} could not be marked KILLED: {marking}")
-        raise
-    finally:
-        release_run_folder(run)
 
 
 def run_stages(config: FinetuneConfig, run: RunInfo) -> FinetuneSummary:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, ConfigDict
 
-from finetune_flows.tasks.core.failures import failing_stage, stage_failed
+from finetune_flows.tasks.core.failures import ending_run, stage_failed
 from finetune_flows.tasks.core.model_source import fetch_model
-from finetune_flows.tasks.core.tracking import end_run, fail_run, release_run_folder, start_run
+from finetune_flows.tasks.core.tracking import start_run
 from finetune_flows.tasks.pretraining.config import PretrainConfig
 from finetune_flows.tasks.pretraining.corpus import read_corpus
 from finetune_flows.tasks.pretraining.masking import tokenize_texts
@@ -85,7 +85,7 @@ def pretrain(config: PretrainConfig = PretrainConfig()) -> PretrainSummary:  # n
 def run_pretraining(config: PretrainConfig) -> PretrainSummary:
     """The stages in order; a failure after the MLflow run is open leaves it FAILED, an interruption KILLED."""
     run = start_run(config)
-    try:
+    with ending_run(run, STAGES):
         corpus = read_corpus(config)
         base_model = fetch_model(config.model, run)
         tokens = tokenize_texts(corpus, base_model, config.model.max_length, config.training.whole_word)
@@ -96,20 +96,6 @@ def run_pretraining(config: PretrainConfig) -> PretrainSummary:
         trained = run_mlm_training(request, config.infrastructure.train_on)
         exported = export_encoder(trained.model_dir, corpus, config.export, config.model.max_length)
         registered = register_encoder(config, corpus, tokens, trained, exported, run)
-    except Exception as exc:
-        try:
-            fail_run(run, failing_stage(exc, STAGES))
-        except Exception as marking:
-            exc.add_note(f"the MLflow run {run.run_id} could not be marked FAILED: {marking}")
-        raise
-    except BaseException as exc:
-        try:
-            end_run(run, "KILLED", failing_stage(exc, STAGES))
-        except Exception as marking:
-            exc.add_note(f"the MLflow run {run.run_id} could not be marked KILLED: {marking}")
-        raise
-    finally:
-        release_run_folder(run)
     return PretrainSummary(
         model_name=registered.model_name,
         version=registered.version,

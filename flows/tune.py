@@ -23,11 +23,11 @@ from prefect import flow
 
 from finetune_flows.flows.finetune import FinetuneSummary, run_pipeline
 from finetune_flows.tasks.core.data_preparation import ingest_data, prepare_data
-from finetune_flows.tasks.core.failures import failing_stage, stage_failed
+from finetune_flows.tasks.core.failures import ending_run, stage_failed
 from finetune_flows.tasks.core.model_source import fetch_model
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tokenization import tokenize_data
-from finetune_flows.tasks.core.tracking import RunInfo, end_run, fail_run, release_run_folder, start_run, tag_run
+from finetune_flows.tasks.core.tracking import RunInfo, start_run, tag_run
 from finetune_flows.tasks.tuning.config import TuneConfig
 from finetune_flows.tasks.tuning.results import SearchOutcome, link_best_run, record_best
 from finetune_flows.tasks.tuning.space import suggest
@@ -82,22 +82,8 @@ def run_tune(config: TuneConfig) -> TuneSummary:
         )
         study = open_study(tuning_dir, name, config.scenario, config.seed, pruner)
         run = start_run(config.base_config())
-        try:
+        with ending_run(run, STAGES):  # an interrupted study resumes (a running trial is run again)
             return search(config, name, study, run)
-        except Exception as exc:
-            try:
-                fail_run(run, failing_stage(exc, STAGES))
-            except Exception as marking:
-                exc.add_note(f"the MLflow run {run.run_id} could not be marked FAILED: {marking}")
-            raise
-        except BaseException as exc:  # SIGTERM or Ctrl-C: the study resumes (a running trial is run again)
-            try:
-                end_run(run, "KILLED", failing_stage(exc, STAGES))
-            except Exception as marking:
-                exc.add_note(f"the MLflow run {run.run_id} could not be marked KILLED: {marking}")
-            raise
-        finally:
-            release_run_folder(run)
 
 
 def search(config: TuneConfig, name: str, study: optuna.Study, run: RunInfo) -> TuneSummary:

@@ -4,17 +4,24 @@ Flows end in ``stage_failed(exc, STAGES)``: a Prefect ``Failed`` state whose mes
 innermost stage on the traceback (or the one an inner flow or a scenario stage recorded on the
 exception), carrying the exception itself so a caller of the flow function gets it raised. The
 message (stored by Prefect, shown in its UI) has any URI credentials in it redacted.
+
+``ending_run`` wraps a flow's stages once its MLflow run is open: an error leaves that run FAILED, an
+interruption (SIGTERM, Ctrl-C) KILLED, naming the stage either way, and the run folder is released.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from prefect import Flow, Task
 from prefect.states import Failed
 
 from finetune_flows.tasks.core.secrets import redact
+
+if TYPE_CHECKING:
+    from finetune_flows.tasks.core.tracking import RunInfo
 
 STAGE_ATTRIBUTE = "finetune_flows_stage"
 
@@ -43,3 +50,28 @@ def stage_failed(exc: Exception, stages: Iterable[Task[..., Any] | Flow[..., Any
         setattr(exc, STAGE_ATTRIBUTE, stage)  # an enclosing flow reports the same stage
     where = f"stage {stage} failed" if stage else "failed"
     return Failed(message=redact(f"{where}: {type(exc).__name__}: {exc}"), data=exc)
+
+
+@contextmanager
+def ending_run(run: RunInfo, stages: Iterable[Task[..., Any] | Flow[..., Any]]) -> Iterator[None]:
+    """The block's error ends ``run``'s MLflow run FAILED, an interruption KILLED (the stage named either way; the
+    block's own exception is re-raised, with a note if marking failed); the run folder is released in any case."""
+    from finetune_flows.tasks.core.tracking import end_run, release_run_folder
+
+    try:
+        yield
+    except Exception as exc:
+        _end(run, "FAILED", exc, stages, end_run)
+        raise
+    except BaseException as exc:  # SIGTERM (Prefect raises TerminationSignal) or Ctrl-C: interrupted, resumable
+        _end(run, "KILLED", exc, stages, end_run)
+        raise
+    finally:
+        release_run_folder(run)
+
+
+def _end(run: RunInfo, status: str, exc: BaseException, stages: Iterable[Any], end_run: Any) -> None:
+    try:
+        end_run(run, status, failing_stage(exc, stages))
+    except Exception as marking:  # the stage's own error is the one to report
+        exc.add_note(f"the MLflow run {run.run_id} could not be marked {status}: {marking}")
