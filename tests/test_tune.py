@@ -178,3 +178,17 @@ def test_a_pruned_trial_ends_pruned_in_optuna_and_mlflow(state_dir, tiny_model_d
         output_format="list",
     )  # fmt: skip
     assert (run.info.status, run.data.tags["tune.state"]) == ("FINISHED", "PRUNED")
+
+
+def test_median_pruning_waits_for_the_warmup_evaluations() -> None:
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(Pruning.MEDIAN, 1, 2, 0.0))
+    for _ in range(2):  # two finished trials, good at both evaluations
+        trial = study.ask()
+        trial.report(0.9, 1)
+        trial.report(0.9, 2)
+        study.tell(trial, 0.9)
+    worse = study.ask()
+    worse.report(0.1, 1)
+    assert not worse.should_prune()  # evaluation 1 is the warmup
+    worse.report(0.1, 2)
+    assert worse.should_prune()  # from evaluation 2 on it is compared with the median

@@ -62,7 +62,10 @@ class TuneConfig(_Frozen):
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed of the sampler and of every training run.")
     pruning: Pruning = Field(default=Pruning.MEDIAN, description="median, threshold or off.")
     pruning_warmup_evals: int = Field(
-        default=1, ge=0, le=10_000, description="Median pruning: evaluations of a trial before it may be pruned."
+        default=2,
+        ge=0,
+        le=10_000,
+        description="Median pruning: evaluations a trial gets before it may be pruned (early ones are noisy).",
     )
     pruning_startup_trials: int = Field(
         default=2, ge=0, le=10_000, description="Median pruning: trials that finish before any is pruned."

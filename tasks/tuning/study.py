@@ -60,7 +60,8 @@ def make_pruner(
     import optuna
 
     if pruning is Pruning.MEDIAN:
-        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals)
+        # Evaluations are reported as steps 1, 2, ...: the earliest prune is at evaluation warmup_evals + 1.
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals + 1)
     if pruning is Pruning.THRESHOLD:
         return optuna.pruners.ThresholdPruner(lower=prune_below)
     return optuna.pruners.NopPruner()
