@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from finetune_flows.tasks.core.checkpoints import MARKER
 from tests.conftest import NEGATIVE, POSITIVE, run_cli, services_environment, write_tsv
 
+pytestmark = pytest.mark.slow  # real subprocesses killed mid-run and temporary servers: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
