@@ -4,6 +4,7 @@ test harness for flow tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,28 @@ def sentiment_files(tmp_path: Path) -> tuple[Path, Path]:
     train = [(f"{t} {suffix}", lab) for suffix in ("indeed", "overall", "really", "truly") for t, lab in rows]
     evaluation = [(f"{t} in the end", lab) for t, lab in rows]
     return write_tsv(tmp_path / "train.tsv", train), write_tsv(tmp_path / "dev.tsv", evaluation)
+
+
+@pytest.fixture
+def sentiment_tokens(tiny_model_dir: Path, sentiment_files: tuple[Path, Path], tmp_path: Path) -> Path:
+    """``sentiment_files`` ingested and tokenized for the tiny model (max length 32): the tokenized folder."""
+    from finetune_flows.plugins import SCENARIOS
+    from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
+    from finetune_flows.tasks.core.tokenization import tokenize_dataset
+
+    data = ingest_files(*sentiment_files, SCENARIOS.get("sentiment"), IngestOptions(), tmp_path / "cache")
+    result = tokenize_dataset(
+        Path(data.dataset_dir), tiny_model_dir, data.data_hash, 32, "sequence-classification", tmp_path / "cache"
+    )
+    return Path(result.tokenized_dir)
+
+
+def start_script(script: str, job: dict[str, object], **env: str) -> subprocess.Popen[str]:
+    """``python -c script job-as-JSON`` in its own process, ``env`` added to the environment, output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(job)], env={**os.environ, **env, "TQDM_DISABLE": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,8 @@ adapter and names its base, and a killed LoRA run resumes to the weights of an u
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from mlflow.models import Model
 from safetensors.torch import load_file
 
 from finetune_flows.flows.finetune import finetune
-from finetune_flows.plugins import HEADS, SCENARIOS, ConfigError
+from finetune_flows.plugins import HEADS, ConfigError
 from finetune_flows.tasks.core.adapters import (
     ADAPTER_FILES,
     AdapterConfig,
@@ -33,8 +31,7 @@ from finetune_flows.tasks.core.adapters import (
 )
 from finetune_flows.tasks.core.checkpoints import MARKER
 from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
-from finetune_flows.tasks.core.tokenization import tokenize_dataset
+from tests.conftest import start_script
 from tests.test_flow import config_for, files  # noqa: F401  (files: the flow tests' fixture)
 
 LORA = AdapterConfig(method=TrainingMethod.LORA)
@@ -208,20 +205,8 @@ TRAINING = dict(max_steps=12, batch_size=8, eval_every_steps=2, learning_rate=1e
                 early_stopping_patience=100, keep_checkpoints="all")  # fmt: skip
 
 
-@pytest.fixture
-def tokens(tiny_model_dir: Path, sentiment_files: tuple[Path, Path], tmp_path: Path) -> Path:
-    data = ingest_files(*sentiment_files, SCENARIOS.get("sentiment"), IngestOptions(), tmp_path / "cache")
-    result = tokenize_dataset(
-        Path(data.dataset_dir), tiny_model_dir, data.data_hash, 32, "sequence-classification", tmp_path / "cache"
-    )
-    return Path(result.tokenized_dir)
-
-
 def start(job: dict[str, object], **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(job)], env={**os.environ, **env, "TQDM_DISABLE": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return start_script(TRAIN_SCRIPT, job, **env)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str, str]:
@@ -230,8 +215,10 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str, str]
     return out, err
 
 
-def test_a_killed_lora_run_resumes_to_the_weights_of_an_uninterrupted_one(tokens, tiny_model_dir, tmp_path) -> None:
-    job = {"tokens": str(tokens), "model": str(tiny_model_dir), "training": TRAINING, "resume": False}
+def test_a_killed_lora_run_resumes_to_the_weights_of_an_uninterrupted_one(
+    sentiment_tokens: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    job = {"tokens": str(sentiment_tokens), "model": str(tiny_model_dir), "training": TRAINING, "resume": False}
     out, log = finish(start({**job, "run": str(tmp_path / "straight")}))
     straight = json.loads(out.split("RESULT ", 1)[1])
     assert 0 < straight["trained_parameters"] < straight["total_parameters"] / 10

@@ -8,7 +8,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_flows.plugins import SCENARIOS, ConfigError
+from finetune_flows.plugins import ConfigError
 from finetune_flows.tasks.core.checkpoints import MARKER, incomplete_reason, resume_point, write_marker
 from finetune_flows.tasks.core.config import FinetuneConfig
-from finetune_flows.tasks.core.ingestion import IngestOptions, ingest_files
 from finetune_flows.tasks.core.resuming import reopen_run, resume_config
 from finetune_flows.tasks.core.settings import get_settings
-from finetune_flows.tasks.core.tokenization import tokenize_dataset
 from finetune_flows.tasks.core.tracking import (
     RUN_RECORD,
     RunInfo,
@@ -31,6 +28,7 @@ from finetune_flows.tasks.core.tracking import (
     hold_run_folder,
     release_run_folder,
 )
+from tests.conftest import start_script
 
 # The training a test kills: run in a subprocess, so that SIGKILL is real. STEP_DELAY slows each step down so the
 # test can kill between checkpoints; KILL_IN_SAVE_AT makes the process SIGKILL itself while it writes the
@@ -69,20 +67,8 @@ TRAINING = dict(max_steps=12, batch_size=8, eval_every_steps=2, learning_rate=1e
                 early_stopping_patience=100, keep_checkpoints="all")  # fmt: skip
 
 
-@pytest.fixture
-def tokens(tiny_model_dir: Path, sentiment_files: tuple[Path, Path], tmp_path: Path) -> Path:
-    data = ingest_files(*sentiment_files, SCENARIOS.get("sentiment"), IngestOptions(), tmp_path / "cache")
-    result = tokenize_dataset(
-        Path(data.dataset_dir), tiny_model_dir, data.data_hash, 32, "sequence-classification", tmp_path / "cache"
-    )
-    return Path(result.tokenized_dir)
-
-
 def start(job: dict[str, object], **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", TRAIN_SCRIPT, json.dumps(job)], env={**os.environ, **env, "TQDM_DISABLE": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return start_script(TRAIN_SCRIPT, job, **env)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
@@ -95,8 +81,10 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model" / "model.safetensors")
 
 
-def test_a_run_killed_twice_resumes_to_the_weights_of_an_uninterrupted_one(tokens, tiny_model_dir, tmp_path) -> None:
-    job = {"tokens": str(tokens), "model": str(tiny_model_dir), "training": TRAINING, "resume": False}
+def test_a_run_killed_twice_resumes_to_the_weights_of_an_uninterrupted_one(
+    sentiment_tokens: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    job = {"tokens": str(sentiment_tokens), "model": str(tiny_model_dir), "training": TRAINING, "resume": False}
     finish(start({**job, "run": str(tmp_path / "straight")}))
 
     run = tmp_path / "killed"
@@ -129,8 +117,10 @@ def test_a_run_killed_twice_resumes_to_the_weights_of_an_uninterrupted_one(token
     assert not torch.equal(first, resumed["bert.embeddings.word_embeddings.weight"])  # it did train
 
 
-def test_checkpoints_hold_no_pickles_and_a_finished_training_keeps_only_models(tokens, tiny_model_dir, tmp_path):
-    job = {"tokens": str(tokens), "model": str(tiny_model_dir), "training": {**TRAINING, "max_steps": 4},
+def test_checkpoints_hold_no_pickles_and_a_finished_training_keeps_only_models(
+    sentiment_tokens: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    job = {"tokens": str(sentiment_tokens), "model": str(tiny_model_dir), "training": {**TRAINING, "max_steps": 4},
            "resume": False, "run": str(tmp_path / "run")}  # fmt: skip
     killed = start(job, KILL_IN_SAVE_AT="4")
     killed.communicate(timeout=300)
