@@ -303,7 +303,7 @@ def test_two_cpu_processes_train_one_masked_lm(
             run_dir=str(tmp_path / "run"), run_id=run.info.run_id, experiment_id="0", tracking_uri_redacted=tracking_uri
         ),
     )
-    with caplog.at_level(logging.INFO, logger="finetune_flows.tasks.pretraining.pretraining"):
+    with caplog.at_level(logging.INFO, logger="finetune_flows.tasks.core.launching"):  # torchrun output
         result = launch_masked_lm(request)
     assert result.world_size == 2 and result.steps == 4 and result.loss_after < result.loss_before
     ranks = dict(re.findall(r"rank (\d) of 2: 4 steps, weights checksum (-?[\d.]+)", caplog.text))

@@ -42,10 +42,16 @@ def launch_distributed(request: TrainRequest) -> TrainResult:
         raise RuntimeError(f"{run_dir / 'checkpoints'} exists already: a run folder is never reused")
     request_path = run_dir / "train_request.json"
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
+    run_torchrun("finetune_flows.tasks.core.training", request_path, request.infrastructure.processes)
+    return TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
+
+
+def run_torchrun(module: str, request_path: Path, processes: int) -> None:
+    """``torchrun --standalone --nproc_per_node processes -m module request_path``, its output in this log; a
+    failure is a RuntimeError with the last 20 lines."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={request.infrastructure.processes}",
-        "-m", "finetune_flows.tasks.core.training", str(request_path),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+        "-m", module, str(request_path),
     ]  # fmt: skip
     logger.info("launching %s", " ".join(command))
     env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would flood the log
@@ -57,10 +63,8 @@ def launch_distributed(request: TrainRequest) -> TrainResult:
             tail = [*tail[-19:], line.rstrip()]
     if proc.returncode != 0:
         raise RuntimeError(
-            f"torchrun with {request.infrastructure.processes} processes exited with {proc.returncode}; last output:\n"
-            + "\n".join(tail)
+            f"torchrun with {processes} processes exited with {proc.returncode}; last output:\n" + "\n".join(tail)
         )
-    return TrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
 
 
 @task(name="fine-tune")

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from finetune_flows.tasks.core.config import InfrastructureConfig, Precision
+from finetune_flows.tasks.core.launching import run_torchrun
 from finetune_flows.tasks.core.tracking import RunInfo
 from finetune_flows.tasks.pretraining.config import MaskedLMTraining
 
@@ -196,20 +196,7 @@ def launch_masked_lm(request: PretrainRequest) -> PretrainResult:
         return train_tracked_mlm(request)
     request_path = Path(request.run.run_dir) / REQUEST_FILE
     request_path.write_text(request.model_dump_json(indent=2), encoding="utf-8")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "finetune_flows.tasks.pretraining.pretraining", str(request_path),
-    ]  # fmt: skip
-    logger.info("launching %s", " ".join(command))
-    tail: list[str] = []
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logger.info("torchrun: %s", line.rstrip())
-            tail = [*tail[-19:], line.rstrip()]
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun with {processes} processes exited with {proc.returncode}:\n" + "\n".join(tail))
+    run_torchrun("finetune_flows.tasks.pretraining.pretraining", request_path, processes)
     return PretrainResult.model_validate_json(request.result_path.read_text(encoding="utf-8"))
 
 
