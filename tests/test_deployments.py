@@ -44,7 +44,7 @@ def test_names_are_unique_and_expected() -> None:
     assert len(names) == len(set(names))
     assert set(names) == {
         "sentiment-finetune", "finance-finetune", "finance-monitor", *TRAIN_DEPLOYMENTS, *RETRAIN_SCENARIOS,
-        "recommendation-finetune", "recommend", "customer-service-finetune", "route",
+        "recommendation-finetune", "recommend", "customer-service-finetune", "route", "score",
         "intents-multilabel-finetune",
         "slots-finetune",
         "pretrain", "mlm-train",

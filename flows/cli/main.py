@@ -8,6 +8,7 @@
     finetune-flows tune <scenario> [--trials N] [--study NAME] [--set key=value ...] [--space field=value ...]
     finetune-flows gc [--yes]
     finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
+    finetune-flows score --model NAME --input PATH --output DIR [--workers N] [--address ...]  (score_command)
     finetune-flows route FILE [--set key=value ...]
     finetune-flows up | down | status
 
@@ -32,6 +33,7 @@ from finetune_flows.flows.cli.output import (
     write_routes,
     write_summary,
 )
+from finetune_flows.flows.cli.score_command import add_score_parser
 from finetune_flows.flows.cli.settings_help import RunHelp
 
 logger = logging.getLogger("finetune_flows.flows.cli.main")
@@ -310,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--cold-start", metavar="CSV", help="rank only these new items (columns item,text)")
     rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. model_name=x")
     rec.set_defaults(func=cmd_recommend)
+    add_score_parser(commands)
     routing = commands.add_parser("route", help="answer customer messages with an intent's reply, or hand them off")
     routing.add_argument("source", metavar="FILE", help="a CSV/TSV/JSONL/Parquet file with a text column")
     routing.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. alias=challenger")

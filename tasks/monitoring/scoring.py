@@ -17,8 +17,9 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from finetune_flows.plugins.errors import ConfigError, DataError
-from finetune_flows.tasks.core.secrets import guard, redact
+from finetune_flows.plugins.errors import DataError
+from finetune_flows.tasks.batch.engine import Engine, EngineConfig
+from finetune_flows.tasks.batch.runner import predict_frame, resolve_version
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.monitoring.batch_records import (
     BadRecord,
@@ -35,8 +36,11 @@ ALL_TOPICS = "all"
 MAX_LISTED = 500  # bad records carried in the task result and the artifact; the CSV lists all
 
 
-class MonitorConfig(BaseModel):
-    """Score new finance texts with the champion, store them, and alert on negative-share spikes per topic."""
+class MonitorConfig(EngineConfig):
+    """Score new finance texts with the champion, store them, and alert on negative-share spikes per topic.
+
+    The engine fields (``engine``, ``workers``, ...) choose where the new records are scored: in this
+    process (the default) or in partitions on a Dask cluster, with the same results."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -165,30 +169,26 @@ def db_path(config: MonitorConfig) -> Path:
 def score_records(batch: BatchRead, config: MonitorConfig) -> ScoredBatch:
     """Score the batch's records that are not stored yet with ``models:/<model_name>@<alias>``."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
-    try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(config.model_name, config.alias)
-    except MlflowException as exc:
-        raise ConfigError(
-            f"no version of registered model {config.model_name!r} has alias {config.alias!r} "
-            f"in {redact(get_settings().tracking_uri)}; register one with the finetune flow first"
-        ) from exc
+    version = resolve_version(config.model_name, config.alias)
     uri = f"models:/{config.model_name}@{config.alias}"
+    pinned = f"models:/{config.model_name}/{version}"  # the alias may move
     records = pd.read_parquet(batch.records_path)
     known = stored_mask(db_path(config), records)
     fresh = records.loc[~known].reset_index(drop=True)
     if fresh.empty:
         scored = fresh.assign(label=pd.Series(dtype=str), score=pd.Series(dtype=float), topic=pd.Series(dtype=str))
-    else:
-        model = mlflow.pyfunc.load_model(f"models:/{config.model_name}/{version.version}")  # the alias may move
+    elif config.engine is Engine.LOCAL:
+        model = mlflow.pyfunc.load_model(pinned)
         scored = attach_predictions(fresh, model.predict(pd.DataFrame({"text": fresh["text"]})))
+    else:  # the same predictions, computed in partitions on a Dask cluster
+        work = Path(batch.records_path).with_name("partitions")
+        scored = attach_predictions(fresh, predict_frame(fresh, pinned, version, work, config.engine_settings()))
     path = Path(batch.records_path).with_name("scored.parquet")
     scored.to_parquet(path, index=False)
     logger.info(
         "score: %d record(s) with %s (version %s); %d already stored",
-        len(scored), uri, version.version, int(known.sum()),
+        len(scored), uri, version, int(known.sum()),
     )  # fmt: skip
     return ScoredBatch(
         batch_id=batch.batch_id,
@@ -198,5 +198,5 @@ def score_records(batch: BatchRead, config: MonitorConfig) -> ScoredBatch:
         first_ts_us=int(records["ts_us"].min()),
         last_ts_us=int(records["ts_us"].max()),
         model_uri=uri,
-        model_version=str(version.version),
+        model_version=str(version),
     )
