@@ -27,11 +27,12 @@ from finetune_flows.tasks.core.tokenization import tokenize_data
 from finetune_flows.tasks.core.tracking import RunInfo, start_run
 from finetune_flows.tasks.core.train_request import fine_tune_request
 from finetune_flows.tasks.export.model_export import export_model
+from finetune_flows.tasks.export.serving_choice import choose_served_graph
 from finetune_flows.tasks.publishing.stage import register_version
 
 STAGES = (
     start_run, reopen_run, ingest_data, fetch_model, tokenize_data, train_stage, fine_tune, hand_off_training,
-    export_model, evaluate_model, register_version,
+    export_model, choose_served_graph, evaluate_model, register_version,
 )  # fmt: skip
 
 
@@ -54,6 +55,7 @@ class FinetuneSummary(BaseModel):
     metrics: dict[str, float]
     """Headline metrics on eval, and on test (``test_`` prefix) where there is a test split."""
     onnx_path: str
+    """The served graph (``served_variant``: fp32, fused or an int8 variant the export ladder chose)."""
     run_id: str
     data_summary: str
     reused_ingest: bool
@@ -68,6 +70,7 @@ class FinetuneSummary(BaseModel):
     checkpoint_split: str | None = None
     """The split that chose the checkpoint and stopped training early ("select", "eval"); None: the last one."""
     eval_note: str = ""
+    served_variant: str = "fp32"
     """Whether the eval figures are held out or optimistic (the eval split also chose the checkpoint)."""
 
 
@@ -100,13 +103,16 @@ def run_stages(config: FinetuneConfig, run: RunInfo) -> FinetuneSummary:
         trained.model_dir, config.head_name, data.dataset_dir, config.export, config.model.max_length,
         tokens.tokenizer_hash, run,
     )  # fmt: skip
-    evaluation = evaluate_model(eval_request(config, data, trained.model_dir, exported.onnx_path, run), run)
+    served = choose_served_graph(
+        eval_request(config, data, trained.model_dir, exported.onnx_path, run), config.export, run
+    )
+    evaluation = evaluate_model(eval_request(config, data, trained.model_dir, served.served_path, run), run)
     context = StageContext(
-        config=config, run=run, data=data, model_dir=trained.model_dir, onnx_path=exported.onnx_path,
+        config=config, run=run, data=data, model_dir=trained.model_dir, onnx_path=served.served_path,
         evaluation=evaluation,
     )  # fmt: skip
     extras = run_before_register(context)
-    registered = register_version(config, data, tokens, evaluation, exported, extras, trained.model_dir, run)
+    registered = register_version(config, data, tokens, evaluation, exported, served, extras, trained.model_dir, run)
     return FinetuneSummary(
         model_name=registered.model_name,
         version=registered.version,
@@ -116,7 +122,8 @@ def run_stages(config: FinetuneConfig, run: RunInfo) -> FinetuneSummary:
             **{k: v for k, v in evaluation.metrics.items() if k in evaluation.headline},
             **{f"test_{k}": v for k, v in (evaluation.test_metrics or {}).items() if k in evaluation.headline},
         },
-        onnx_path=exported.onnx_path,
+        onnx_path=served.served_path,
+        served_variant=served.served_variant,
         run_id=registered.run_id,
         data_summary=data.summary,
         reused_ingest=data.cached,

@@ -3,6 +3,7 @@ harness and a temporary MLflow SQLite store; plus what must not happen when a st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -81,6 +82,16 @@ def test_flow_registers_exports_and_gates_promotion(state_dir, tiny_model_dir, f
     assert run.data.metrics["final_accuracy"] == pytest.approx(first.metrics["accuracy"])
     logged = {a.path for a in client.list_artifacts(first.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/reliability_diagram.png"} <= logged
+
+    # The export ladder judged every variant; the version serves the one it chose, never a failing one.
+    ladder_file = mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="onnx_ladder/ladder.json")
+    ladder = json.loads(Path(ladder_file).read_text())
+    rows = {row["variant"]: row for row in ladder["rows"]}
+    assert {"fp32", "fused"} <= set(rows) and any(v.startswith("int8-dynamic") for v in rows)
+    assert v1.tags["export.served_variant"] == first.served_variant and rows[first.served_variant]["served"]
+    assert rows[first.served_variant]["gate"] == "pass"
+    served_dir = Path(mlflow.artifacts.download_artifacts("models:/sentiment/1")) / "artifacts"
+    assert (served_dir / Path(first.onnx_path).name).read_bytes() == Path(first.onnx_path).read_bytes()
 
     model = mlflow.pyfunc.load_model("models:/sentiment@champion")
     scored = model.predict(["a gorgeous , witty film", "a dull , lifeless mess"])

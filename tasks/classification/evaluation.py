@@ -254,6 +254,19 @@ class ClassificationEvaluator:
         publish_report(result, request.labels, rows, request.scenario)
         return result
 
+    def score_graph(self, onnx_path: str, request: EvalRequest) -> float:
+        """The graph through the serving scorer on the eval texts: its arg-max labels scored against the gold ones."""
+        import pandas as pd
+
+        from finetune_flows.tasks.serving.classifier import OnnxTextClassifier
+
+        frame = pd.read_parquet(Path(request.dataset_dir) / "eval.parquet")
+        scorer = OnnxTextClassifier(onnx_path, Path(request.model_dir) / "tokenizer.json")
+        logits = scorer.logits(frame["text"].astype(str).tolist(), request.evaluation.batch_size)
+        predicted, probs = HEADS.get(request.head).predict(logits)
+        metrics = classification_metrics(frame["label_id"].to_numpy(), predicted, probs, request.labels)
+        return float(metrics[request.primary_metric])
+
     def score_champion(self, model_uri: str, request: EvalRequest) -> float | None:
         """The champion's pyfunc on the same eval texts; None when its labels differ (not comparable)."""
         import mlflow

@@ -193,6 +193,15 @@ class MultiLabelEvaluator:
         )  # fmt: skip
         return result
 
+    def score_graph(self, onnx_path: str, request: EvalRequest) -> float:
+        """The graph's probabilities on eval, thresholds tuned on them as ``evaluate`` tunes them, scored."""
+        scorer = served_scorer(request.model_copy(update={"onnx_path": onnx_path}))
+        frame = pd.read_parquet(Path(request.dataset_dir) / "eval.parquet")
+        probs = scorer.probabilities(frame["text"].astype(str).tolist(), request.evaluation.batch_size)
+        truth = targets(frame)
+        metrics = multilabel_metrics(truth, decide(probs, tune_thresholds(probs, truth)), request.labels)
+        return float(metrics[request.primary_metric])
+
     def score_champion(self, model_uri: str, request: EvalRequest) -> float | None:
         """The champion's pyfunc (its own thresholds) on this eval split; None when its labels differ."""
         import mlflow

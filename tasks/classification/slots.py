@@ -192,6 +192,13 @@ class SlotEvaluator:
         )  # fmt: skip
         return result
 
+    def score_graph(self, onnx_path: str, request: EvalRequest) -> float:
+        """The graph's spans on the eval texts against the gold spans."""
+        tagger = OnnxSlotTagger(onnx_path, Path(request.model_dir) / "tokenizer.json")
+        frame = pd.read_parquet(Path(request.dataset_dir) / "eval.parquet")
+        predicted = predicted_spans(tagger, frame["text"].tolist(), request.evaluation.batch_size)
+        return float(span_scores(gold_spans(frame), predicted, slots_of(request.labels))[request.primary_metric])
+
     def score_champion(self, model_uri: str, request: EvalRequest) -> float | None:
         """The champion's served spans on the same eval texts scored the same way; None when it tags other slots."""
         import mlflow

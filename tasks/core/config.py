@@ -37,6 +37,7 @@ from finetune_flows.tasks.core.sections import (
     Precision,
     RankingConfig,
     RegistrationConfig,
+    ServedGraph,
     TrainingConfig,
     _Frozen,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "RankingConfig",
     "RegistrationConfig",
     "RetrainConfig",
+    "ServedGraph",
     "TrainingConfig",
     "TrainingMethod",
     "format_label_map",

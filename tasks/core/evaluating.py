@@ -76,6 +76,11 @@ class Evaluator(Protocol):
         """The primary metric of the registered model at ``model_uri`` on the same eval data; None: not comparable."""
         ...
 
+    def score_graph(self, onnx_path: str, request: EvalRequest) -> float:
+        """The primary metric of the ONNX graph at ``onnx_path`` (a candidate of the export ladder) on the eval
+        split, scored as the served model scores."""
+        ...
+
     def training_metrics(self, head: str, predictions: Any, label_ids: Any, labels: list[str]) -> dict[str, float]:
         """One evaluation while training (Trainer's ``compute_metrics``): metrics by name, the scenario's primary
         metric among them, from the model's raw outputs and the label ids of the checkpoint-choosing split."""
@@ -109,7 +114,8 @@ def evaluator_for(head_name: str) -> Evaluator:
     evaluator = load_target(target, f"head {head_name!r}: its evaluator")()
     if not isinstance(evaluator, Evaluator):
         raise PluginError(
-            f"head {head_name!r}: {target} is not an Evaluator (evaluate, score_champion, training_metrics, headline)"
+            f"head {head_name!r}: {target} is not an Evaluator "
+            "(evaluate, score_champion, score_graph, training_metrics, headline)"
         )
     return evaluator
 

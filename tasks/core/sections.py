@@ -314,9 +314,33 @@ class RegistrationConfig(_Frozen):
         return value
 
 
+class ServedGraph(StrEnum):
+    """Which exported graph the registered model serves."""
+
+    FASTEST = "fastest"
+    FP32 = "fp32"
+
+
 class ExportConfig(_Frozen):
-    """ONNX export and its parity gate."""
+    """ONNX export, its parity gate, and the ladder of faster variants (fused, int8) gated against fp32."""
 
     parity_samples: int = Field(default=256, ge=256, le=100_000, description="Eval texts in the parity check.")
     tolerance: float = Field(default=1e-4, gt=0.0, le=1e-2, description="Largest allowed |logit difference|.")
     opset: int = Field(default=18, ge=14, le=23, description="ONNX opset version.")
+    served: ServedGraph = Field(
+        default=ServedGraph.FASTEST,
+        description="fastest: build fused and int8 variants, serve the fastest at batch 64 that passes the gate; "
+        "fp32: serve the parity-checked fp32 graph and build nothing else.",
+    )
+    min_agreement: float = Field(
+        default=0.99, ge=0.5, le=1.0, description="Gate: least share of eval texts predicted as fp32 predicts them."
+    )
+    min_cosine: float = Field(
+        default=0.99, ge=0.5, le=1.0, description="Gate for embedding graphs: least mean cosine to fp32's embeddings."
+    )
+    max_metric_loss: float = Field(
+        default=0.003, ge=0.0, le=0.1, description="Gate: largest primary-metric loss against fp32 (0.003 = 0.3 pt)."
+    )
+    ladder_texts: int = Field(
+        default=1000, ge=32, le=100_000, description="Eval texts each variant is compared with fp32 on."
+    )

@@ -29,6 +29,7 @@ from finetune_flows.tasks.core.tokenization import TokenizeResult
 from finetune_flows.tasks.core.tracking import RunInfo
 from finetune_flows.tasks.core.train_request import checkpoint_split
 from finetune_flows.tasks.export.onnx_graph import ExportResult
+from finetune_flows.tasks.export.serving_choice import LadderResult
 from finetune_flows.tasks.publishing.promotion import NotComparable
 from finetune_flows.tasks.publishing.registration import (
     RegisterResult,
@@ -65,6 +66,7 @@ def version_tags(
     tokens: TokenizeResult,
     evaluation: EvalResult,
     exported: ExportResult,
+    ladder: LadderResult,
     extras: list[StageOutput],
 ) -> dict[str, str]:
     """What a version records about itself: data identity (files read, their sha256, the label map), the training
@@ -79,6 +81,8 @@ def version_tags(
         "eval_hash": data.eval_hash,
         "tokenizer_hash": tokens.tokenizer_hash,
         "onnx_max_abs_diff": f"{exported.max_abs_diff:.3g}",
+        "export.served_variant": ladder.served_variant,
+        **({"export.int8_layout": ladder.int8_layout} if ladder.int8_layout else {}),
         "model_source": config.model.source,
         "adapter.method": config.adapter.method.value,
         **({"adapter.base": config.model.source} if config.adapter.method is TrainingMethod.LORA else {}),
@@ -97,6 +101,7 @@ def register_version(
     tokens: TokenizeResult,
     evaluation: EvalResult,
     exported: ExportResult,
+    ladder: LadderResult,
     extras: list[StageOutput],
     model_dir: str,
     run: RunInfo,
@@ -107,7 +112,7 @@ def register_version(
     mlflow.set_tracking_uri(run.tracking_uri())
     head = HEADS.get(config.head_name)
     adapter = Path(run.run_dir) / ADAPTER_SUBDIR  # a LoRA run's adapter (its base.json names the base), kept too
-    tags = version_tags(config, data, tokens, evaluation, exported, extras)
+    tags = version_tags(config, data, tokens, evaluation, exported, ladder, extras)
     with mlflow.start_run(run_id=run.run_id):
         mlflow.set_tags(tags)
         for extra in extras:
@@ -116,7 +121,7 @@ def register_version(
     served = ServedModel(
         python_model=entry_file(config.head_name),
         artifacts={
-            ONNX_ARTIFACT: exported.onnx_path,
+            ONNX_ARTIFACT: ladder.served_path,
             TOKENIZER_ARTIFACT: str(Path(model_dir) / "tokenizer.json"),
             HF_SUBDIR: model_dir,
             **({ADAPTER_SUBDIR: str(adapter)} if adapter.is_dir() else {}),
@@ -126,7 +131,7 @@ def register_version(
         pip_requirements=SERVING_REQUIREMENTS,
         input_example=input_example(Path(data.dataset_dir), head.text_columns),
     )
-    request = eval_request(config, data, model_dir, exported.onnx_path, run)
+    request = eval_request(config, data, model_dir, ladder.served_path, run)
     evaluator = evaluator_for(config.head_name)
 
     def rescore(version: str) -> float | NotComparable:

@@ -78,6 +78,14 @@ class RankingEvaluator:
             headline=list(self.headline),
         )
 
+    def score_graph(self, onnx_path: str, request: EvalRequest) -> float:
+        """The graph as encoder on the validation candidates."""
+        dataset = Path(request.dataset_dir)
+        encoder = SentenceEncoder(onnx_path, Path(request.model_dir) / "tokenizer.json", max_length=request.max_length)
+        frames = {"validation": pd.read_parquet(dataset / "validation.parquet")}
+        scores = encoder_scores(encoder, pd.read_parquet(dataset / "items.parquet"), frames)
+        return score_metrics(scores["validation"])[request.primary_metric]
+
     def score_champion(self, model_uri: str, request: EvalRequest) -> float | None:
         """The champion's own encoder on this split's validation candidates."""
         import mlflow

@@ -80,6 +80,10 @@ class OnnxClassificationEvaluator:
         publish_report(result, request.labels, rows, request.scenario)
         return result
 
+    def score_graph(self, onnx_path: str, request: EvalRequest) -> float:
+        """A candidate graph of the export ladder scored as the core scores classifiers."""
+        return ClassificationEvaluator().score_graph(onnx_path, request)
+
     def score_champion(self, model_uri: str, request: EvalRequest) -> float | None:
         """The registered champion scored on the same eval texts through its pyfunc, as the core does."""
         return ClassificationEvaluator().score_champion(model_uri, request)
