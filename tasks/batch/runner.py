@@ -10,7 +10,7 @@ refused rather than mixed.
 
 A worker process loads the model once (``cached_model``, keyed by model URI and threads) and
 never imports torch: the registered pyfunc runs its ONNX graph on onnxruntime, whose sessions
-are rebuilt with the worker's thread count.
+use the worker's thread count (``model_config`` ``onnx_threads``).
 """
 
 from __future__ import annotations
@@ -90,33 +90,6 @@ def part_complete(path: Path, rows: int) -> bool:
         return False
 
 
-def limit_onnx_threads(model: Any, threads: int) -> int:
-    """Rebuild the ONNX sessions inside a loaded pyfunc with ``threads`` intra-op threads; how many were rebuilt."""
-    import onnxruntime as ort
-
-    try:
-        root = model.unwrap_python_model()
-    except Exception:  # not a Python-model pyfunc: leave it as it is
-        return 0
-    rebuilt, seen = 0, set()
-    pending = [root]
-    while pending:
-        holder = pending.pop()
-        if id(holder) in seen or not hasattr(holder, "__dict__"):
-            continue
-        seen.add(id(holder))
-        for name, value in list(vars(holder).items()):
-            if isinstance(value, ort.InferenceSession) and getattr(value, "_model_path", None):
-                options = ort.SessionOptions()
-                options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-                providers = value.get_providers()
-                setattr(holder, name, ort.InferenceSession(value._model_path, options, providers=providers))
-                rebuilt += 1
-            elif type(value).__module__.startswith("finetune_flows"):  # our scorers (installed or shipped copy)
-                pending.append(value)
-    return rebuilt
-
-
 def resolve_version(model_name: str, alias: str) -> str:
     """The version of ``model_name`` that ``alias`` points at; a ``ConfigError`` when there is none."""
     import mlflow
@@ -139,9 +112,8 @@ def cached_model(model_uri: str, threads: int = 0) -> Any:
             import mlflow
 
             mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
-            model = mlflow.pyfunc.load_model(model_uri)
-            if threads:
-                limit_onnx_threads(model, threads)
+            # The served pyfuncs read onnx_threads from model_config (tasks.serving.text_inputs.onnx_threads).
+            model = mlflow.pyfunc.load_model(model_uri, model_config={"onnx_threads": threads} if threads else None)
             _MODELS[(model_uri, threads)] = model
             logger.info("loaded %s in process %d", model_uri, os.getpid())
         return _MODELS[(model_uri, threads)]

@@ -66,6 +66,7 @@ from finetune_flows.tasks.publishing.registry import (
     undo_attempt,
     version_with_key,
 )
+from finetune_flows.tasks.serving.text_inputs import SERVED_MODEL_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ def log_served_model(run_id: str, served: ServedModel) -> Any:
             code_paths=served.code_paths or None,
             pip_requirements=served.pip_requirements or None,
             input_example=served.example(),
+            model_config=SERVED_MODEL_CONFIG,  # onnx_threads, overridable by load_model(..., model_config=...)
         )
     if info.signature is None or info.signature.outputs is None:
         raise PromotionError(

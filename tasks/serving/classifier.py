@@ -19,7 +19,7 @@ try:  # MLflow is a core dependency, but the scorer itself must not need it.
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
 
-from .text_inputs import load_tokenizer, padded_inputs, texts_from
+from .text_inputs import load_tokenizer, onnx_threads, padded_inputs, texts_from
 
 ONNX_ARTIFACT = "onnx_model"
 TOKENIZER_ARTIFACT = "tokenizer_json"
@@ -82,7 +82,10 @@ class TextClassifierPyfunc(PythonModel):
     """MLflow pyfunc: raw text in; label, score and class probabilities out (onnxruntime inside)."""
 
     def load_context(self, context: Any) -> None:
-        self.scorer = OnnxTextClassifier(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+        threads = onnx_threads(context)
+        self.scorer = OnnxTextClassifier(
+            context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT], threads=threads
+        )
         self.handoff: dict[str, Any] | None = None
         if HANDOFF_ARTIFACT in context.artifacts:  # an intent model that hands unsure messages to a person
             self.handoff = json.loads(Path(context.artifacts[HANDOFF_ARTIFACT]).read_text(encoding="utf-8"))
@@ -90,7 +93,7 @@ class TextClassifierPyfunc(PythonModel):
         if TOPIC_ARTIFACT in context.artifacts:
             from .topics import load_topic_assigner  # pydantic only for models with topics
 
-            self.topics = load_topic_assigner(Path(context.artifacts[TOPIC_ARTIFACT]))
+            self.topics = load_topic_assigner(Path(context.artifacts[TOPIC_ARTIFACT]), threads)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         texts = texts_from(model_input)

@@ -15,7 +15,7 @@ from mlflow.pyfunc import PythonModel
 
 from .classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
 from .encoder import SentenceEncoder
-from .text_inputs import texts_from
+from .text_inputs import onnx_threads, texts_from
 
 
 class SentenceEmbeddingPyfunc(PythonModel):
@@ -24,7 +24,9 @@ class SentenceEmbeddingPyfunc(PythonModel):
     encoder: SentenceEncoder
 
     def load_context(self, context: Any) -> None:
-        self.encoder = SentenceEncoder(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+        self.encoder = SentenceEncoder(
+            context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT], threads=onnx_threads(context)
+        )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         return self.encoder.encode(texts_from(model_input))

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover
 
 from .classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT, OnnxTextClassifier
 from .errors import ModelFilesError
-from .text_inputs import texts_from
+from .text_inputs import onnx_threads, texts_from
 
 THRESHOLDS_ARTIFACT = "thresholds"  # thresholds.json: labels, thresholds (tasks/classification/multilabel.py)
 LABEL_SEPARATOR = ";"
@@ -92,6 +92,7 @@ class MultiLabelPyfunc(PythonModel):
             context.artifacts[ONNX_ARTIFACT],
             context.artifacts[TOKENIZER_ARTIFACT],
             context.artifacts.get(THRESHOLDS_ARTIFACT),  # none: every label at 0.5
+            threads=onnx_threads(context),
         )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from mlflow.pyfunc import PythonModel
 from .classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
 from .encoder import SentenceEncoder
 from .errors import ModelFilesError, ModelInputError
+from .text_inputs import onnx_threads
 
 RANKING_TABLE_ARTIFACT = "ranking_table"
 PAIR_COLUMNS = ("query", "item")
@@ -49,7 +50,9 @@ class PairScorerPyfunc(PythonModel):
     encoder: SentenceEncoder
 
     def load_context(self, context: Any) -> None:
-        self.encoder = SentenceEncoder(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+        self.encoder = SentenceEncoder(
+            context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT], threads=onnx_threads(context)
+        )
         score_scale(self.encoder)  # a graph without its scale fails at load, not at the first request
 
     @property

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 
 from .classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
 from .errors import ModelFilesError
-from .text_inputs import load_tokenizer, texts_from
+from .text_inputs import load_tokenizer, onnx_threads, texts_from
 
 OUTSIDE = "O"
 SLOTS_COLUMN = "slots"
@@ -145,7 +145,9 @@ class SlotTaggerPyfunc(PythonModel):
     """MLflow pyfunc: raw text in; a ``slots`` column (JSON list of slot, text, start, end, score) out."""
 
     def load_context(self, context: Any) -> None:
-        self.scorer = OnnxSlotTagger(context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT])
+        self.scorer = OnnxSlotTagger(
+            context.artifacts[ONNX_ARTIFACT], context.artifacts[TOKENIZER_ARTIFACT], threads=onnx_threads(context)
+        )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.scorer.predict(texts_from(model_input))

@@ -36,6 +36,17 @@ def padded_inputs(tokenizer: Any, texts: list[str], input_names: list[str]) -> d
     return batch
 
 
+SERVED_MODEL_CONFIG = {"onnx_threads": 0}
+"""The served pyfuncs' ``model_config`` as logged: MLflow lets a loader override only the keys logged with a model."""
+
+
+def onnx_threads(context: Any) -> int:
+    """Intra-op threads of a served model's ONNX sessions: ``onnx_threads`` in the ``model_config`` it was loaded
+    with (``mlflow.pyfunc.load_model(uri, model_config={"onnx_threads": 1})``); 0: onnxruntime's default."""
+    config = getattr(context, "model_config", None) or {}
+    return int(config.get("onnx_threads", 0))
+
+
 def texts_from(model_input: Any) -> list[str]:
     """Accept a list of strings, a Series, or a DataFrame with a ``text`` column (or one column)."""
     if isinstance(model_input, pd.DataFrame):

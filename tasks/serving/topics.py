@@ -163,12 +163,13 @@ def pick_topics(
     return [names[b] if s >= limit else taxonomy.other for b, s in zip(best, top, strict=True)], top
 
 
-def load_topic_assigner(folder: Path) -> TopicAssigner:
-    """The assigner saved in ``folder``: ``encoder.onnx``, ``tokenizer.json`` and ``topics.json``."""
+def load_topic_assigner(folder: Path, threads: int = 0) -> TopicAssigner:
+    """The assigner saved in ``folder``: ``encoder.onnx``, ``tokenizer.json`` and ``topics.json``; ``threads``:
+    its ONNX session's intra-op threads (0: onnxruntime's default)."""
     missing = [name for name in (ENCODER_FILE, TOKENIZER_FILE, TAXONOMY_FILE) if not (folder / name).is_file()]
     if missing:
         raise ModelFilesError(
             f"topic assigner folder {folder} lacks {missing}; it is made by tasks.monitoring.topic_encoder"
         )
-    encoder = SentenceEncoder(folder / ENCODER_FILE, folder / TOKENIZER_FILE)
+    encoder = SentenceEncoder(folder / ENCODER_FILE, folder / TOKENIZER_FILE, threads=threads)
     return TopicAssigner(encoder, load_taxonomy(folder / TAXONOMY_FILE))
