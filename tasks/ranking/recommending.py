@@ -1,8 +1,10 @@
 """Top-k recommendations from a registered bi-encoder (its ONNX encoder; torch is never imported).
 
-A user's profile is their most recent positives, as in training; every catalogue item is
-embedded once and ranked by a matrix product; items the user already rated are excluded. In
-cold-start mode the candidates are only the given new items (item, text), which nobody rated.
+A user's profile is their most recent positives, as in training. Item vectors come from a cache
+keyed by text and model version (tasks.ranking.item_vectors: only new texts are embedded); the
+search is the exact matrix product for catalogues below ``ann_min_items`` and a recall-gated faiss
+index above (tasks.ranking.neighbours); items the user already rated are excluded. In cold-start
+mode the candidates are only the given new items (item, text), which nobody rated.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -24,11 +27,15 @@ from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tables import read_table, records
 from finetune_flows.tasks.ranking.dataset import interaction_folder
 from finetune_flows.tasks.ranking.interactions import read_interactions
+from finetune_flows.tasks.ranking.item_vectors import EmbeddingStats, embeddings_folder, item_vectors
+from finetune_flows.tasks.ranking.neighbours import Neighbours, SearchOptions, SearchReport, build_neighbours
 from finetune_flows.tasks.ranking.split import profile_text, short_title
 from finetune_flows.tasks.serving.encoder import SentenceEncoder
 from finetune_flows.tasks.serving.pair_scorer import encoder_of
 
 logger = logging.getLogger(__name__)
+
+SCORE_SCALE = 20.0  # scores are 20 x cosine, as the bi-encoder scores pairs
 
 
 class RecommendConfig(BaseModel):
@@ -52,6 +59,22 @@ class RecommendConfig(BaseModel):
         default=None,
         description="CSV or Parquet file for the lists. Empty: <state>/recommendations/<name>-v<version>-<time>.csv",
     )
+    ann_min_items: int = Field(
+        default=50_000,
+        ge=1,
+        description="Catalogues of at least this many items are searched through a faiss index; smaller ones exactly.",
+    )
+    min_recall: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="Recall@10 against exact search the index must reach when built; below it, exact search is used.",
+    )
+    ann_index: Literal["hnsw", "ivf"] = Field(default="hnsw", description="faiss index kind: HNSW graph or IVF-Flat.")
+
+    def search_options(self) -> SearchOptions:
+        """The search settings of this request."""
+        return SearchOptions(ann_min_items=self.ann_min_items, min_recall=self.min_recall, index=self.ann_index)
 
 
 class RecommendResult(BaseModel):
@@ -65,6 +88,8 @@ class RecommendResult(BaseModel):
     candidates: int
     rows: int
     seconds: float
+    search: SearchReport
+    embedding: EmbeddingStats
 
 
 def current_profiles(
@@ -84,23 +109,34 @@ def top_k(
     exclude: list[set[str]],
     k: int,
     batch_users: int = 256,
+    neighbours: Neighbours | None = None,
+    profile_vectors: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """user index, rank, item, score: the k best items per profile outside its ``exclude`` set."""
+    """user index, rank, item, score: the k best items per profile outside its ``exclude`` set.
+
+    ``neighbours`` searches the item vectors (rows in ``items`` order); None: embed the items and
+    search them exactly. ``profile_vectors``: the profiles already embedded (``embed_profiles``).
+    """
     item_ids = items["item"].to_numpy()
-    vectors = encoder.encode(list(items["text"]))
+    search = neighbours if neighbours is not None else Neighbours(encoder.encode(list(items["text"])))
     position = {item: index for index, item in enumerate(item_ids)}
     rows: list[tuple[int, int, str, float]] = []
     for start in range(0, len(profiles), batch_users):
-        users = encoder.encode(profiles[start : start + batch_users])
-        scores = 20.0 * users @ vectors.T
-        for offset, row in enumerate(scores):
-            seen = [position[i] for i in exclude[start + offset] if i in position]
-            row[seen] = -np.inf
-            n = min(k, int(np.isfinite(row).sum()))
-            best = np.argpartition(-row, n - 1)[:n] if n else np.array([], dtype=int)
-            best = best[np.argsort(-row[best], kind="stable")]
-            rows.extend((start + offset, rank + 1, item_ids[i], float(row[i])) for rank, i in enumerate(best))
+        chunk = profiles[start : start + batch_users]
+        users = encoder.encode(chunk) if profile_vectors is None else profile_vectors[start : start + len(chunk)]
+        seen = [[position[i] for i in exclude[start + o] if i in position] for o in range(len(users))]
+        for offset, (best, scores) in enumerate(search.search(users, k, seen, SCORE_SCALE, batch_users)):
+            rows.extend(
+                (start + offset, rank + 1, item_ids[i], float(s))
+                for rank, (i, s) in enumerate(zip(best, scores, strict=True))
+            )
     return pd.DataFrame(rows, columns=["user_index", "rank", "item", "score"])
+
+
+def embed_profiles(encoder: SentenceEncoder, profiles: list[str], batch_users: int = 256) -> np.ndarray:
+    """The profiles' vectors, embedded ``batch_users`` at a time (as ``top_k`` batches them)."""
+    chunks = [encoder.encode(profiles[s : s + batch_users]) for s in range(0, len(profiles), batch_users)]
+    return np.concatenate(chunks) if chunks else encoder.encode([])
 
 
 def new_items(path: Path) -> pd.DataFrame:
@@ -143,14 +179,26 @@ def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncode
     candidates = new_items(Path(config.cold_start_items)) if config.cold_start_items else log.items
     rated = log.ratings.groupby("user")["item"].apply(set)
     profiles = current_profiles(log.ratings, log.items, users, config.positive_threshold, config.profile_items)
-    lists = top_k(encoder, profiles, candidates, [rated.get(u, set()) for u in users], config.k)
+    cache = embeddings_folder(model_uri)
+    vectors, embedding = item_vectors(encoder, list(candidates["text"]), cache)
+    queries = embed_profiles(encoder, profiles)
+    neighbours, search = build_neighbours(vectors, config.search_options(), cache, queries)
+    exclude = [rated.get(u, set()) for u in users]
+    lists = top_k(encoder, profiles, candidates, exclude, config.k, neighbours=neighbours, profile_vectors=queries)
     texts = candidates.set_index("item")["text"]
     lists.insert(0, "user", [users[i] for i in lists.pop("user_index")])
     lists["text"] = lists["item"].map(texts).to_numpy()
     out = Path(config.output_path) if config.output_path else default_output(model_uri, started)
     write_frame(lists, out)
     seconds = (datetime.now(UTC) - started).total_seconds()
-    logger.info("recommend: %d users x %d candidates -> %s in %.1f s", len(users), len(candidates), out, seconds)
+    logger.info(
+        "recommend: %d users x %d candidates (%s search) -> %s in %.1f s",
+        len(users),
+        len(candidates),
+        search.kind,
+        out,
+        seconds,
+    )
     return RecommendResult(
         output_path=str(out),
         model_uri=model_uri,
@@ -158,6 +206,8 @@ def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncode
         candidates=len(candidates),
         rows=len(lists),
         seconds=seconds,
+        search=search,
+        embedding=embedding,
     )
 
 
@@ -183,5 +233,12 @@ def recommend_items(config: RecommendConfig, model_dir: str, model_uri: str) -> 
         key="recommendations",
         table=records(head.head(200).round(4)),
         description=f"Top-{config.k} from {model_uri} for {result.users} users ({result.output_path})",
+    )
+    create_table_artifact(
+        key="recommendations-search",
+        table=[
+            {**result.search.model_dump(exclude={"params"}), **result.search.params, **result.embedding.model_dump()}
+        ],
+        description=f"Search over {result.candidates} items: {result.search.note}",
     )
     return result
