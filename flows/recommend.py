@@ -1,6 +1,9 @@
 """Flow ``recommend``: top-k items per user (or ranked new items) from the registered champion.
 
-Deployments reach it by entrypoint ``flows/recommend.py:recommend``.
+With ``engine=dask`` the catalogue is embedded and the search built once, here; the users are scored
+in partitions of ``partition_rows`` on a Dask cluster (a local one of ``workers`` processes, or the
+cluster at ``address``), resumably, with the same lists (tasks.ranking.partitioned). Deployments
+reach it by entrypoint ``flows/recommend.py:recommend``.
 """
 
 from __future__ import annotations

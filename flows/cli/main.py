@@ -7,7 +7,7 @@
     finetune-flows pretrain [--set key=value ...]      (masked-LM training on unlabelled text)
     finetune-flows tune <scenario> [--trials N] [--study NAME] [--set key=value ...] [--space field=value ...]
     finetune-flows gc [--yes]
-    finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv]
+    finetune-flows recommend [--user ID ...] [--k 10] [--cold-start ITEMS.csv] [--workers N] [--address ...]
     finetune-flows score --model NAME --input PATH --output DIR [--workers N] [--address ...]  (score_command)
     finetune-flows route FILE [--set key=value ...]
     finetune-flows up | down | status
@@ -33,7 +33,7 @@ from finetune_flows.flows.cli.output import (
     write_routes,
     write_summary,
 )
-from finetune_flows.flows.cli.score_command import add_score_parser
+from finetune_flows.flows.cli.score_command import add_engine_arguments, add_score_parser, engine_values
 from finetune_flows.flows.cli.settings_help import RunHelp
 
 logger = logging.getLogger("finetune_flows.flows.cli.main")
@@ -173,7 +173,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from finetune_flows.tasks.ranking.recommending import RecommendConfig
 
     values = parse_overrides(args.set or [])
-    values.update({"users": args.user or [], "k": args.k})
+    values.update({"users": args.user or [], "k": args.k, **engine_values(args)})
     if args.cold_start:
         values["cold_start_items"] = args.cold_start
     if args.data:
@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--data", metavar="FOLDER", help="interaction folder; default: the bundled MovieLens sample")
     rec.add_argument("--cold-start", metavar="CSV", help="rank only these new items (columns item,text)")
     rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. model_name=x")
+    add_engine_arguments(rec, "users")
     rec.set_defaults(func=cmd_recommend)
     add_score_parser(commands)
     routing = commands.add_parser("route", help="answer customer messages with an intent's reply, or hand them off")

@@ -5,7 +5,8 @@
                          [--partition-rows N] [--text-column text]
 
 ``--workers`` or ``--address`` without ``--engine`` mean ``--engine dask``. A rerun with the same
-input and output skips the parts already written.
+input and output skips the parts already written. ``recommend`` takes the same engine options
+(``add_engine_arguments``), with users as its records.
 """
 
 from __future__ import annotations
@@ -20,12 +21,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from finetune_flows.flows.cli.main import _prepare_environment, run_flow
     from finetune_flows.tasks.core.config import validated
 
-    engine = args.engine or ("dask" if args.workers or args.address else "local")
-    values: dict[str, Any] = {"model_name": args.model, "input": args.input, "output": args.output, "engine": engine}
-    optional = {
-        "alias": args.alias, "workers": args.workers, "threads_per_worker": args.threads_per_worker,
-        "address": args.address, "partition_rows": args.partition_rows, "text_column": args.text_column,
-    }  # fmt: skip
+    values: dict[str, Any] = {"model_name": args.model, "input": args.input, "output": args.output}
+    values.update(engine_values(args))
+    optional = {"alias": args.alias, "text_column": args.text_column}
     values.update({key: value for key, value in optional.items() if value is not None})
     from finetune_flows.flows.score import ScoreConfig
 
@@ -53,10 +51,25 @@ def add_score_parser(commands: Any) -> None:
     scoring.add_argument(
         "--output", required=True, metavar="DIR", help="folder for part-<id>.parquet and manifest.json"
     )
-    scoring.add_argument("--engine", choices=["local", "dask"], help="local (default) or dask")
-    scoring.add_argument("--workers", type=int, help="dask: worker processes of the local cluster (default 2)")
-    scoring.add_argument("--threads-per-worker", type=int, help="dask: threads per worker (default 1)")
-    scoring.add_argument("--address", help="dask: scheduler address of an existing cluster, e.g. tcp://10.0.0.5:8786")
-    scoring.add_argument("--partition-rows", type=int, help="most records per partition (default 10000)")
+    add_engine_arguments(scoring, "records")
     scoring.add_argument("--text-column", help="the column holding the texts (default text)")
     scoring.set_defaults(func=cmd_score)
+
+
+def add_engine_arguments(parser: Any, records: str) -> None:
+    """``--engine``, ``--workers``, ``--threads-per-worker``, ``--address``, ``--partition-rows`` (of ``records``)."""
+    parser.add_argument("--engine", choices=["local", "dask"], help="local (default) or dask")
+    parser.add_argument("--workers", type=int, help="dask: worker processes of the local cluster (default 2)")
+    parser.add_argument("--threads-per-worker", type=int, help="dask: threads per worker (default 1)")
+    parser.add_argument("--address", help="dask: scheduler address of an existing cluster, e.g. tcp://10.0.0.5:8786")
+    parser.add_argument("--partition-rows", type=int, help=f"most {records} per partition (default 10000)")
+
+
+def engine_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine fields given on the command line; ``--workers`` or ``--address`` alone mean ``engine=dask``."""
+    engine = args.engine or ("dask" if args.workers or args.address else None)
+    given = {
+        "engine": engine, "workers": args.workers, "threads_per_worker": args.threads_per_worker,
+        "address": args.address, "partition_rows": args.partition_rows,
+    }  # fmt: skip
+    return {key: value for key, value in given.items() if value is not None}

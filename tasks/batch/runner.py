@@ -10,7 +10,8 @@ refused rather than mixed.
 
 A worker process loads the model once (``cached_model``, keyed by model URI and threads) and
 never imports torch: the registered pyfunc runs its ONNX graph on onnxruntime, whose sessions
-use the worker's thread count (``model_config`` ``onnx_threads``).
+use the worker's thread count (``model_config`` ``onnx_threads``). Other partitioned work (recommend's
+user partitions) passes its own ``work`` function to ``run_partitions`` and shares the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,13 @@ def with_predictions(frame: pd.DataFrame, predicted: Any, model_version: str) ->
     return scored.assign(**{MODEL_VERSION_COLUMN: model_version})
 
 
+def write_part(frame: pd.DataFrame, target: Path) -> None:
+    """Write ``frame`` to the part file ``target`` whole or not at all (a temporary name, then renamed)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    frame.to_parquet(temporary, index=False)
+    os.replace(temporary, target)
+
+
 def score_partition(part: Partition, model_uri: str, model_version: str, output: str, threads: int = 0) -> PartResult:
     """Score one partition into its part file (written whole or not at all); skip it when that file is complete."""
     started, target = time.perf_counter(), part_path(Path(output), part)
@@ -139,15 +148,22 @@ def score_partition(part: Partition, model_uri: str, model_version: str, output:
     frame = read_input(part)
     model = cached_model(model_uri, threads)
     scored = with_predictions(frame, model.predict(pd.DataFrame({"text": frame[part.text_column]})), model_version)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    scored.to_parquet(temporary, index=False)
-    os.replace(temporary, target)
+    write_part(scored, target)
     return PartResult(id=part.id, rows=part.rows, skipped=False, seconds=time.perf_counter() - started, pid=os.getpid())
 
 
 score_partition_task = task(name="score-partition", cache_policy=NO_CACHE, task_run_name="score-{part.id}")(
     score_partition
 )
+PartWork = Callable[..., PartResult]  # work(part, model_uri=, model_version=, output=, threads=, **arguments)
+
+
+def partition_task(work: PartWork) -> Any:
+    """The Prefect task that runs ``work`` on one partition (``score_partition``'s is ``score_partition_task``)."""
+    if work is score_partition:
+        return score_partition_task
+    name = work.__name__.replace("_", "-")
+    return task(name=name, cache_policy=NO_CACHE, task_run_name=f"{name.split('-')[0]}-{{part.id}}")(work)
 
 
 def _write_manifest(output: Path, manifest: dict[str, Any]) -> Path:
@@ -175,9 +191,20 @@ def _check_folder(output: Path, model_uri: str, model_version: str, parts: list[
 
 
 def run_partitions(
-    parts: list[Partition], model_uri: str, model_version: str, output: Path, engine: EngineConfig
+    parts: list[Partition],
+    model_uri: str,
+    model_version: str,
+    output: Path,
+    engine: EngineConfig,
+    work: PartWork = score_partition,
+    arguments: Mapping[str, Any] | None = None,
+    part_rows: Mapping[str, int] | None = None,
 ) -> ScoreRun:
-    """Score ``parts`` with ``model_uri`` into ``output`` on ``engine``; completed parts are skipped."""
+    """Score ``parts`` with ``model_uri`` into ``output`` on ``engine``; completed parts are skipped.
+
+    ``work`` writes one partition's part file (default ``score_partition``), called with the partition,
+    ``model_uri``, ``model_version``, ``output``, ``threads`` and ``arguments``; ``part_rows``: the rows of
+    each part file (by partition id) when it is complete, if not one per input record."""
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     _check_folder(output, model_uri, model_version, parts)
@@ -191,18 +218,18 @@ def run_partitions(
         ],
     }
     _write_manifest(output, manifest)
-    args = {"model_uri": model_uri, "model_version": model_version, "output": str(output)}
-    done = [p for p in parts if part_complete(part_path(output, p), p.rows)]  # no cluster for a finished run
-    results = [PartResult(id=p.id, rows=p.rows, skipped=True, seconds=0.0, pid=os.getpid()) for p in done]
+    args = {"model_uri": model_uri, "model_version": model_version, "output": str(output), **(arguments or {})}
+    rows = {p.id: p.rows for p in parts} | dict(part_rows or {})
+    done = [p for p in parts if part_complete(part_path(output, p), rows[p.id])]  # no cluster for a finished run
+    results = [PartResult(id=p.id, rows=rows[p.id], skipped=True, seconds=0.0, pid=os.getpid()) for p in done]
     todo = [p for p in parts if p not in done]
     if engine.engine is Engine.LOCAL or not todo:
-        results += [score_partition(p, model_uri, model_version, str(output)) for p in todo]
+        results += [work(p, **args) for p in todo]
     else:
+        remote = partition_task(work)
         with dask_runner(engine) as runner:
             futures = [
-                runner.submit(
-                    score_partition_task, parameters={"part": p, **args, "threads": engine.threads_per_worker}
-                )
+                runner.submit(remote, parameters={"part": p, **args, "threads": engine.threads_per_worker})
                 for p in todo
             ]
             for future in futures:
@@ -213,7 +240,7 @@ def run_partitions(
     path = _write_manifest(output, manifest)
     run = ScoreRun(
         output=str(output), manifest=str(path), model_uri=model_uri, model_version=model_version, parts=len(parts),
-        scored_parts=len(scored), skipped_parts=len(results) - len(scored), rows=sum(p.rows for p in parts),
+        scored_parts=len(scored), skipped_parts=len(results) - len(scored), rows=sum(rows[p.id] for p in parts),
         seconds=time.perf_counter() - started, worker_pids=sorted({r.pid for r in scored}),
     )  # fmt: skip
     logger.info(

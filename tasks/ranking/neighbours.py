@@ -32,6 +32,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune_flows.plugins.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 RECALL_AT = 10
@@ -277,6 +279,31 @@ def save_neighbours(folder: Path, neighbours: Neighbours, report: SearchReport) 
     os.replace(partial, folder / REPORT_FILE)
 
 
+def gate_draw(items: int, queries: int, options: SearchOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out probe items, rows of the real queries) that the gate of an index over ``items`` items uses,
+    drawn from ``options.seed``: a caller that embeds its queries elsewhere (recommend on Dask) embeds only
+    those rows and passes them in order, and the gate draws them all again."""
+    rng = np.random.default_rng(options.seed)
+    probes = np.sort(rng.choice(items, size=max(1, min(options.recall_queries, items // 10)), replace=False))
+    if not queries:
+        return probes, np.zeros(0, dtype=np.int64)
+    return probes, np.sort(rng.choice(queries, size=min(queries, options.recall_queries), replace=False))
+
+
+def open_neighbours(vectors: np.ndarray, kind: str, folder: Path | None) -> Neighbours:
+    """The search ``build_neighbours`` chose for ``vectors`` (its report's ``kind``), without building or gating
+    again: exact, or the index it saved in ``folder`` (``index_folder``); a ``ConfigError`` when that is gone."""
+    if kind == "exact":
+        return Neighbours(vectors)
+    loaded = load_neighbours(folder, vectors) if folder is not None else None
+    if loaded is None or loaded[0].index is None:
+        raise ConfigError(
+            f"no saved {kind} index in {folder}; it is built (and saved) by build_neighbours with a cache folder "
+            "that this process can read"
+        )
+    return loaded[0]
+
+
 def build_neighbours(
     vectors: np.ndarray, options: SearchOptions, cache: Path | None = None, queries: np.ndarray | None = None
 ) -> tuple[Neighbours, SearchReport]:
@@ -296,16 +323,11 @@ def build_neighbours(
         return reused
     started = time.perf_counter()
     # Held-out probes: the index is built without them, gated on them as queries, then they are added.
-    rng = np.random.default_rng(options.seed)
-    probes = np.sort(rng.choice(n, size=max(1, min(options.recall_queries, n // 10)), replace=False))
+    probes, rows = gate_draw(n, 0 if queries is None else len(queries), options)
     order = np.concatenate([np.setdiff1d(np.arange(n), probes), probes])
     neighbours = Neighbours(vectors, ids=order)
     neighbours.index, params = build_index(neighbours.vectors, order[: n - len(probes)], options)
-    sample = None
-    if queries is not None and len(queries):
-        sample = queries[
-            np.sort(rng.choice(len(queries), size=min(len(queries), options.recall_queries), replace=False))
-        ]
+    sample = queries[rows] if queries is not None and len(queries) else None
     recalls, setting = tune(neighbours.index, neighbours, options, probes, sample)
     recall = min(recalls)
     neighbours.index.add(neighbours.vectors[probes])

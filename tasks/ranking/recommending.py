@@ -4,15 +4,17 @@ A user's profile is their most recent positives, as in training. Item vectors co
 keyed by text and model version (tasks.ranking.item_vectors: only new texts are embedded); the
 search is the exact matrix product for catalogues below ``ann_min_items`` and a recall-gated faiss
 index above (tasks.ranking.neighbours); items the user already rated are excluded. In cold-start
-mode the candidates are only the given new items (item, text), which nobody rated.
+mode the candidates are only the given new items (item, text), which nobody rated. With
+``engine=dask`` the users are scored in partitions on a Dask cluster (tasks.ranking.partitioned).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,8 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_flows.plugins import ConfigError, DataError
+from finetune_flows.tasks.batch.engine import Engine, EngineConfig
+from finetune_flows.tasks.batch.runner import ScoreRun
 from finetune_flows.tasks.core.reports import write_csv
 from finetune_flows.tasks.core.secrets import guard
 from finetune_flows.tasks.core.settings import get_settings
@@ -38,8 +42,12 @@ logger = logging.getLogger(__name__)
 SCORE_SCALE = 20.0  # scores are 20 x cosine, as the bi-encoder scores pairs
 
 
-class RecommendConfig(BaseModel):
-    """Whom to recommend for, from which model, and where the lists go."""
+class RecommendConfig(EngineConfig):
+    """Whom to recommend for, from which model, and where the lists go.
+
+    The engine fields (``engine``, ``workers``, ...) choose where the users are scored: in this process
+    (the default) or in partitions of ``partition_rows`` users on a Dask cluster, with the same lists
+    (tasks.ranking.partitioned)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -90,6 +98,7 @@ class RecommendResult(BaseModel):
     seconds: float
     search: SearchReport
     embedding: EmbeddingStats
+    partitions: ScoreRun | None = Field(default=None, description="engine=dask: the user partitions run.")
 
 
 def current_profiles(
@@ -165,9 +174,20 @@ def write_frame(frame: pd.DataFrame, path: Path) -> None:
         write_csv(frame, path)
 
 
-def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncoder, model_uri: str) -> RecommendResult:
-    """Score with ``encoder`` (the model ``model_uri`` names) and write the lists; returns where they are."""
-    started = datetime.now(UTC)
+@dataclass(frozen=True)
+class Audience:
+    """Whom a request recommends for and what it may recommend: users (in order), their profiles and
+    rated items, and the candidate items (item, text)."""
+
+    users: list[str]
+    profiles: list[str]
+    exclude: list[set[str]]
+    candidates: pd.DataFrame
+
+
+def audience_of(config: RecommendConfig, folder: Path) -> Audience:
+    """The users (all, or the configured ones, which must have interactions), their profiles, what they rated,
+    and the candidates (the catalogue, or the cold-start items)."""
     log = read_interactions(folder)
     known = sorted(log.ratings["user"].unique())
     users = list(config.users) or known
@@ -179,36 +199,58 @@ def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncode
     candidates = new_items(Path(config.cold_start_items)) if config.cold_start_items else log.items
     rated = log.ratings.groupby("user")["item"].apply(set)
     profiles = current_profiles(log.ratings, log.items, users, config.positive_threshold, config.profile_items)
-    cache = embeddings_folder(model_uri)
-    vectors, embedding = item_vectors(encoder, list(candidates["text"]), cache)
-    queries = embed_profiles(encoder, profiles)
-    neighbours, search = build_neighbours(vectors, config.search_options(), cache, queries)
-    exclude = [rated.get(u, set()) for u in users]
-    lists = top_k(encoder, profiles, candidates, exclude, config.k, neighbours=neighbours, profile_vectors=queries)
+    return Audience(users, profiles, [rated.get(u, set()) for u in users], candidates)
+
+
+def labelled(lists: pd.DataFrame, users: list[str], candidates: pd.DataFrame) -> pd.DataFrame:
+    """``top_k``'s rows as written: user, rank, item, score, text."""
     texts = candidates.set_index("item")["text"]
+    lists = lists.copy()
     lists.insert(0, "user", [users[i] for i in lists.pop("user_index")])
     lists["text"] = lists["item"].map(texts).to_numpy()
+    return lists
+
+
+def finish(
+    config: RecommendConfig, model_uri: str, started: datetime, audience: Audience, lists: pd.DataFrame, **facts: Any
+) -> RecommendResult:
+    """Write ``lists`` to the output path and say what was done (``facts``: search, embedding, partitions)."""
     out = Path(config.output_path) if config.output_path else default_output(model_uri, started)
     write_frame(lists, out)
     seconds = (datetime.now(UTC) - started).total_seconds()
     logger.info(
         "recommend: %d users x %d candidates (%s search) -> %s in %.1f s",
-        len(users),
-        len(candidates),
-        search.kind,
+        len(audience.users),
+        len(audience.candidates),
+        facts["search"].kind,
         out,
         seconds,
     )
     return RecommendResult(
         output_path=str(out),
         model_uri=model_uri,
-        users=len(users),
-        candidates=len(candidates),
+        users=len(audience.users),
+        candidates=len(audience.candidates),
         rows=len(lists),
         seconds=seconds,
-        search=search,
-        embedding=embedding,
+        **facts,
     )
+
+
+def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncoder, model_uri: str) -> RecommendResult:
+    """Score with ``encoder`` (the model ``model_uri`` names) in this process and write the lists."""
+    started = datetime.now(UTC)
+    audience = audience_of(config, folder)
+    cache = embeddings_folder(model_uri)
+    vectors, embedding = item_vectors(encoder, list(audience.candidates["text"]), cache)
+    queries = embed_profiles(encoder, audience.profiles)
+    neighbours, search = build_neighbours(vectors, config.search_options(), cache, queries)
+    lists = top_k(
+        encoder, audience.profiles, audience.candidates, audience.exclude, config.k,
+        neighbours=neighbours, profile_vectors=queries,
+    )  # fmt: skip
+    lists = labelled(lists, audience.users, audience.candidates)
+    return finish(config, model_uri, started, audience, lists, search=search, embedding=embedding)
 
 
 @task(name="fetch-scorer", retries=2, retry_delay_seconds=5)
@@ -226,7 +268,12 @@ def fetch_scorer(config: RecommendConfig) -> tuple[str, str]:
 def recommend_items(config: RecommendConfig, model_dir: str, model_uri: str) -> RecommendResult:
     """Top-k lists for the configured users, written to a file and shown as a table artifact."""
     folder = interaction_folder(config.data_path, "recommendation")
-    result = recommend_for(config, folder, encoder_of(Path(model_dir)), model_uri)
+    if config.engine is Engine.DASK:
+        from finetune_flows.tasks.ranking.partitioned import recommend_in_partitions
+
+        result = recommend_in_partitions(config, folder, Path(model_dir), model_uri)
+    else:
+        result = recommend_for(config, folder, encoder_of(Path(model_dir)), model_uri)
     path = Path(result.output_path)
     head = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype={"user": str, "item": str})
     create_table_artifact(

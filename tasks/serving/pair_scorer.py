@@ -76,11 +76,13 @@ class PairScorerPyfunc(PythonModel):
         return pd.DataFrame({"score": self.scale * (queries * items).sum(axis=1)})
 
 
-def encoder_of(local_model_dir: Path) -> SentenceEncoder:
-    """The sentence encoder inside a downloaded pair-scorer model folder."""
+def encoder_of(local_model_dir: Path, threads: int = 0) -> SentenceEncoder:
+    """The sentence encoder inside a downloaded pair-scorer model folder (``threads`` > 0: its ONNX threads)."""
     from mlflow.models import Model
 
     artifacts = Model.load(str(local_model_dir)).flavors["python_function"]["artifacts"]
     return SentenceEncoder(
-        local_model_dir / artifacts[ONNX_ARTIFACT]["path"], local_model_dir / artifacts[TOKENIZER_ARTIFACT]["path"]
+        local_model_dir / artifacts[ONNX_ARTIFACT]["path"],
+        local_model_dir / artifacts[TOKENIZER_ARTIFACT]["path"],
+        threads=threads,
     )
