@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -103,10 +104,12 @@ def main() -> None:
     parser.add_argument("--dataset-dir", type=Path, required=True, help="the prepared dataset the run trained on")
     parser.add_argument("--head", default="sequence-classification")
     parser.add_argument("--primary-metric", default="accuracy")
-    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--texts", type=int, default=1000, help="eval texts the gate compares on (ladder_texts)")
     parser.add_argument("--name", default="model", help="results go to bench/results/export_ladder_<name>.json")
+    parser.add_argument("--keep", type=Path, help="copy the served graph here (as <variant>.onnx)")
     args = parser.parse_args()
+
+    import onnx
 
     from finetune_flows.plugins import HEADS
     from finetune_flows.tasks.core.config import EvaluationConfig
@@ -116,6 +119,8 @@ def main() -> None:
     from finetune_flows.tasks.export.serving_choice import climb
 
     model_dir, fp32 = args.run_dir / "model", args.run_dir / "onnx" / "model.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    max_length = int(meta["max_length"])  # what the graph's scorer truncates at; eager truncates the same
     head = HEADS.get(args.head)
     eval_file = args.dataset_dir / "eval.parquet"
     labels: list[str] = []
@@ -129,12 +134,12 @@ def main() -> None:
         request = EvalRequest(
             scenario=args.name, head=args.head, model_dir=str(model_dir), onnx_path=str(fp32),
             dataset_dir=str(args.dataset_dir), labels=labels, primary_metric=args.primary_metric,
-            max_length=args.max_length, evaluation=EvaluationConfig(), report_dir=str(Path(tmp) / "report"),
+            max_length=max_length, evaluation=EvaluationConfig(), report_dir=str(Path(tmp) / "report"),
         )  # fmt: skip
         started = time.perf_counter()
         eager = {
             size: eager_throughput(
-                model_dir, args.head, texts[: SPEED_BATCH * 4][: 32 if size == 1 else None], size, args.max_length
+                model_dir, args.head, texts[: SPEED_BATCH * 4][: 32 if size == 1 else None], size, max_length
             )
             for size in (1, SPEED_BATCH)
         }
@@ -143,6 +148,9 @@ def main() -> None:
         served = best_rung(rows)
         held_out = test_check(Path(served.path), fp32, request, args.head, head.export_output)
         table = ladder_table(rows, served.variant)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(served.path, args.keep / f"{served.variant}.onnx")
 
     print(f"\n{args.name}: {len(texts)} eval texts, head {args.head}, primary metric {args.primary_metric}")
     print(

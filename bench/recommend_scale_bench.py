@@ -107,6 +107,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64, help="token limit of the exported encoder")
     parser.add_argument("--data", type=Path, default=None, help="MovieLens folder (default: the shared full one)")
     parser.add_argument("--work", type=Path, default=None, help="keep caches here (default: a temporary folder)")
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        help="a sentence-encoder graph to embed with (e.g. the export ladder's served variant of a recommendation "
+        "model); default: all-MiniLM-L6-v2 exported here in fp32",
+    )
+    parser.add_argument("--tokenizer", type=Path, help="the --onnx graph's tokenizer.json (default: MiniLM's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -139,10 +146,11 @@ def main() -> None:
         stage("build data", time.perf_counter() - start, args.items, source_items=len(source))
         print(f"  e.g. item: {items[0]!r}\n       profile: {profiles[0]!r}")
 
-        onnx = export_sentence_encoder(
+        onnx = args.onnx or export_sentence_encoder(
             minilm_path(), work / f"minilm-{args.max_length}.onnx", max_length=args.max_length
         )
-        encoder = SentenceEncoder(onnx, minilm_path() / "tokenizer.json")
+        encoder = SentenceEncoder(onnx, args.tokenizer or minilm_path() / "tokenizer.json")
+        print(f"  encoder: {onnx} (max length {encoder.max_length})")
         start = time.perf_counter()
         vectors, embedded = item_vectors(encoder, items, work / "embeddings")
         stage("embed items", time.perf_counter() - start, args.items, embedded=embedded.embedded)
@@ -199,6 +207,7 @@ def main() -> None:
         "items": args.items,
         "users": args.users,
         "max_length": args.max_length,
+        "encoder": str(args.onnx) if args.onnx else "all-MiniLM-L6-v2, fp32, exported here",
         "brute_force_users": len(sample),
     }
     out.write_text(json.dumps({**meta, "stages": stages}, indent=2))
