@@ -91,7 +91,8 @@ def test_variants_keep_metadata_and_quantise_only_weight_matmuls(
     int8 = quantize_dynamic_graph(fused, tmp_path / "int8.onnx", REDUCED_RANGE, nodes)
     graph = onnx.load(str(int8)).graph
     kinds = [n.op_type for n in graph.node]
-    assert kinds.count("MatMulInteger") == len(nodes) > 0
+    assert kinds.count("MatMulInteger") + kinds.count("QAttention") == len(nodes) > 0
+    assert "QAttention" in kinds  # the fused attention's packed Q, K, V weights are quantised too
     head = [n for n in graph.node if "Gemm" in n.name]  # pooler and classifier, rewritten as MatMul + Add
     assert head and all(n.op_type in ("Gemm", "MatMul", "Add") for n in head)  # the head stays fp32
     assert "Gather" in kinds  # and so do the embeddings
@@ -141,7 +142,8 @@ def test_fallback_keeps_the_most_sensitive_weights_in_fp32(request_for: EvalRequ
     assert full[0] < 1.0  # all-int8 changes some label of this random model: the strict gate refuses it
     row = dynamic_rung(strict, fp32, REDUCED_RANGE, nodes, tmp_path)
     assert row.kept_fp32 > 0 and "kept in fp32" in row.note
-    quantised = [n.op_type for n in onnx.load(row.path).graph.node].count("MatMulInteger")
+    kinds = [n.op_type for n in onnx.load(row.path).graph.node]
+    quantised = kinds.count("MatMulInteger") + kinds.count("QAttention")
     assert quantised == len(nodes) - row.kept_fp32
     assert row.passed == (row.agreement == 1.0)
 

@@ -5,9 +5,10 @@
     ``BiasGelu`` (ORT's own ``onnxruntime.transformers`` optimizer finds none of these patterns in a
     dynamo export, which is what ``tasks.export.onnx_graph`` writes).
 ``int8-dynamic``
-    the fused graph with the weights of its ``MatMul`` nodes in int8, per output channel, activations
-    quantised at run time. The word embeddings (``Gather``) and the head (``Gemm``) stay fp32. How the
-    weights are stored follows the CPU (``weight_schemes``).
+    the fused graph with the weights of its ``MatMul`` and ``Attention`` nodes in int8, per output
+    channel (ORT's QAttention keeps its Q, K, V weights at 7 bits), activations quantised at run
+    time. The word embeddings (``Gather``) and the head (``Gemm``) stay fp32. How the weights are
+    stored follows the CPU (``weight_schemes``).
 ``int8-static``
     QDQ int8 with activation ranges calibrated on the scenario's own eval texts, same nodes.
 
@@ -78,25 +79,66 @@ def copy_metadata(source: Path, target: Path) -> None:
 
 
 def fuse_graph(source: Path, target: Path) -> Path:
-    """``source`` with onnxscript's ORT fusions applied, written to ``target``."""
+    """``source`` with onnxscript's ORT fusions applied, written to ``target``, then made quantisable
+    (``fold_attention_weights``)."""
     import onnx_ir as ir
     from onnxscript.rewriter import ort_fusions
 
     model = ir.load(str(source))
     fused, counts = ort_fusions.optimize_for_ort(model)
     ir.save(fused, str(target))
+    fold_attention_weights(target)
     copy_metadata(source, target)
     logger.info("ladder: fused %s", {k: v for k, v in counts.items() if v})
     return target
 
 
+def fold_attention_weights(path: Path) -> None:
+    """Make the fused ``Attention`` nodes' Q, K, V weights one initializer, as ORT's quantiser needs.
+
+    The fusion packs the three weights with a ``Concat`` of initializers (folded here into one) and
+    sets ``qkv_hidden_sizes``, with which ORT's quantiser leaves the node in fp32; equal sizes are
+    its default, so the attribute is dropped where they are equal. The graph computes the same.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {i.name: i for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Concat" and node.input and all(i in constants for i in node.input):
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            joined = np.concatenate([numpy_helper.to_array(constants[i]) for i in node.input], axis=axis)
+            graph.initializer.append(numpy_helper.from_array(joined, node.output[0]))
+            continue
+        if node.op_type == "Attention":
+            sizes = [a for a in node.attribute if a.name == "qkv_hidden_sizes"]
+            if sizes and len(set(sizes[0].ints)) == 1:
+                node.attribute.remove(sizes[0])
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for node in graph.node for i in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for initializer in unused:
+        graph.initializer.remove(initializer)
+    onnx.save(model, str(path))
+
+
+QUANTISED_OPS = ("MatMul", "Attention")
+
+
 def weight_matmuls(path: Path) -> list[str]:
-    """Names of the ``MatMul`` nodes with a constant (weight) input: what int8 variants quantise."""
+    """Names of the ``MatMul`` and ``Attention`` nodes with a constant (weight) input: what int8 variants
+    quantise (the head's ``Gemm`` is not among them)."""
     import onnx
 
     graph = onnx.load(str(path)).graph
     constants = {i.name for i in graph.initializer}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and any(i in constants for i in n.input)]
+    return [n.name for n in graph.node if n.op_type in QUANTISED_OPS and any(i in constants for i in n.input)]
 
 
 def quantize_dynamic_graph(source: Path, target: Path, scheme: WeightScheme, nodes: list[str]) -> Path:
@@ -106,7 +148,7 @@ def quantize_dynamic_graph(source: Path, target: Path, scheme: WeightScheme, nod
     quantize_dynamic(
         str(source),
         str(target),
-        op_types_to_quantize=["MatMul"],
+        op_types_to_quantize=list(QUANTISED_OPS),
         nodes_to_quantize=nodes,
         per_channel=True,
         reduce_range=scheme.reduce_range,
@@ -144,7 +186,7 @@ def quantize_static_graph(
         str(target),
         _Calibration(batches),  # duck-typed CalibrationDataReader
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul"],
+        op_types_to_quantize=list(QUANTISED_OPS),
         nodes_to_quantize=nodes,
         per_channel=True,
         reduce_range=scheme.reduce_range,
