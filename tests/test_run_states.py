@@ -146,8 +146,9 @@ def test_gc_keeps_a_run_killed_by_kill_9_and_says_how_to_resume_it(runs) -> None
 
 
 def test_resume_finishes_both_runs_to_the_weights_of_an_uninterrupted_one(runs) -> None:
-    straight_dir = Path(next(line for line in ok(runs["straight"]).splitlines() if line.startswith("ONNX")).split(
-        ": ", 1)[1]).parents[1]  # fmt: skip
+    served = next(line for line in ok(runs["straight"]).splitlines() if line.startswith("ONNX"))
+    graph = Path(served.split(": ", 1)[1].rsplit(" (", 1)[0])  # "ONNX (served) : <path> (<variant>)"
+    straight_dir = next(folder for folder in graph.parents if folder.name == "onnx").parent
     reference = load_file(straight_dir / "model" / "model.safetensors")
     for name in ("killed", "termed"):
         out = ok(runs[f"resumed_{name}"])

@@ -29,7 +29,7 @@ def write_summary(summary: Any) -> None:
     for key, value in summary.metrics.items():
         label = f"test {key.removeprefix('test_')}" if key.startswith("test_") else f"eval {key}"
         out.write(f"{label:<17}: {value:.4f}\n")
-    out.write(f"ONNX             : {summary.onnx_path}\n")
+    out.write(f"ONNX (served)    : {summary.onnx_path} ({summary.served_variant})\n")
     out.write(f"training time    : {summary.train_seconds:.0f} s\n")
     out.write(
         f"cache            : ingest {'reused' if summary.reused_ingest else 'built'}, "
