@@ -248,3 +248,55 @@ def test_a_failed_run_resumes_and_skips_the_parts_it_wrote(registry: Path, tmp_p
     assert clean.scored_parts == 5
     pd.testing.assert_frame_equal(read_output(out), read_output(tmp_path / "clean"))
     assert read_output(out)["label"].tolist()[12:15] == ["short", "long", "short"]
+
+
+KILLED_RUN = """
+import json, sys
+from finetune_flows.flows.score import ScoreConfig, score
+score(ScoreConfig.model_validate(json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_score_run_resumes_where_it_stopped(registry: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from finetune_flows.flows.score import ScoreConfig, score
+
+    texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(3000)]
+    pd.DataFrame({"id": range(3000), "text": texts}).to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "out"
+    config = ScoreConfig(
+        model_name="tiny-sentiment", input=str(tmp_path / "in.csv"), output=str(out), partition_rows=60,
+        engine="dask", workers=1,
+    )  # fmt: skip
+    with (tmp_path / "killed.log").open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_RUN, config.model_dump_json()],
+            env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and not list(out.glob("part-*.parquet")):
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the flow process and its Dask worker, mid-run
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 1 <= len(done) < 50 and json.loads((out / MANIFEST).read_text())["complete"] is False
+
+    resumed = score(config.model_copy(update={"workers": 2}))
+    assert (resumed.parts, resumed.skipped_parts, resumed.scored_parts) == (50, len(done), 50 - len(done))
+    assert {n: t for n, t in done.items() if (out / n).stat().st_mtime_ns == t} == done  # untouched
+    clean = score(config.model_copy(update={"output": str(tmp_path / "clean"), "engine": "local"}))
+    one, two = read_output(out), read_output(tmp_path / "clean")
+    assert len(one) == 3000 and one["id"].astype(int).tolist() == list(range(3000))
+    pd.testing.assert_frame_equal(one[["id", "text", "label"]], two[["id", "text", "label"]])
+    np.testing.assert_allclose(one["prob_positive"], two["prob_positive"], atol=1e-5)
+    assert clean.scored_parts == 50
