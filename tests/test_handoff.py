@@ -171,10 +171,13 @@ def test_the_recommender_trains_on_the_gpu_pool_like_in_process(
     """The bi-encoder goes through the same hand-off: deployment train/recommendation-train, same weights."""
     from safetensors.torch import load_file
 
-    local = finetune(recommender_config(tiny_model_dir, log_folder, epochs=1))
+    # The ranking evaluation scores the served graph, and the export ladder serves whichever variant is fastest
+    # on the clock at that moment: both runs serve the fp32 graph, so the metrics compare training alone.
+    fp32 = {"export.served": "fp32"}
+    local = finetune(recommender_config(tiny_model_dir, log_folder, epochs=1, **fp32))
     remote = finetune(
         recommender_config(
-            tiny_model_dir, log_folder, epochs=1, **{"infrastructure.train_on": "train/recommendation-train"}
+            tiny_model_dir, log_folder, epochs=1, **{"infrastructure.train_on": "train/recommendation-train", **fp32}
         )
     )
     (here, here_dir), (there, there_dir) = trained(local.run_id), trained(remote.run_id)
