@@ -73,7 +73,7 @@ def dynamic_rung(judge: Judge, base: Path, scheme: WeightScheme, nodes: list[str
             checked = judge.check(build(order[kept:], target))
             if checked[3]:
                 break
-    note = f"{kept} most sensitive of {len(nodes)} weight MatMuls kept in fp32" if kept else ""
+    note = f"{kept} most sensitive of {len(nodes)} weight nodes kept in fp32" if kept else ""
     return judge.rung(name, target, kept, note, checked)
 
 
