@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -233,3 +235,24 @@ def log_folder(tmp_path: Path) -> Path:
     rows += [("u0", "x999", 5, 5000), ("u1", "s1", "great", 5000), ("lonely", "s2", 5, 10)]
     pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"]).to_csv(folder / "interactions.csv", index=False)
     return folder
+
+
+@contextmanager
+def state_folder(state: Path) -> Iterator[Any]:
+    """``state`` as the project's state folder, in the environment (so Dask workers started later use it too),
+    with MLflow tracking to its store; yields the settings. Tracking goes back to what it was afterwards."""
+    import mlflow
+
+    from finetune_flows.tasks.core.settings import get_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_FLOWS_STATE_DIR", str(state))
+        patch.delenv("FINETUNE_FLOWS_MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        previous = mlflow.get_tracking_uri()
+        settings = get_settings()
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        try:
+            yield settings
+        finally:
+            mlflow.set_tracking_uri(previous)

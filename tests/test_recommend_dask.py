@@ -29,6 +29,7 @@ from finetune_flows.flows.recommend import recommend
 from finetune_flows.tasks.batch.engine import EngineConfig, local_cluster_kwargs
 from finetune_flows.tasks.batch.runner import MANIFEST
 from finetune_flows.tasks.ranking.recommending import RecommendConfig, RecommendResult
+from tests.conftest import state_folder
 
 LISTS = ["user", "rank", "item", "score", "text"]
 
@@ -38,35 +39,25 @@ def recommender(
     prefect_harness: None, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     """A state folder whose MLflow store holds ``recommendation`` v1 (champion): the tiny encoder, untrained."""
-    from finetune_flows.tasks.core.settings import get_settings
     from finetune_flows.tasks.export.model_export import export_sentence_encoder
     from finetune_flows.tasks.serving.classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
     from finetune_flows.tasks.serving.pair_scorer import PairScorerPyfunc
 
     state = tmp_path_factory.mktemp("recommend-state")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_FLOWS_STATE_DIR", str(state))  # Dask workers started later inherit it
-        patch.delenv("FINETUNE_FLOWS_MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        previous = mlflow.get_tracking_uri()
-        settings = get_settings()
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        try:
-            onnx = export_sentence_encoder(tiny_model_dir, state / "encoder.onnx", max_length=32)
-            experiment = mlflow.MlflowClient().create_experiment(
-                "recommend-test", artifact_location=f"{settings.artifact_root}/recommend"
-            )
-            mlflow.set_experiment(experiment_id=experiment)
-            with mlflow.start_run():
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=PairScorerPyfunc(), pip_requirements=["mlflow"],
-                    artifacts={ONNX_ARTIFACT: str(onnx), TOKENIZER_ARTIFACT: str(tiny_model_dir / "tokenizer.json")},
-                )  # fmt: skip
-            version = mlflow.register_model(info.model_uri, "recommendation").version
-            mlflow.MlflowClient().set_registered_model_alias("recommendation", "champion", str(version))
-            yield state
-        finally:
-            mlflow.set_tracking_uri(previous)
+    with state_folder(state) as settings:
+        onnx = export_sentence_encoder(tiny_model_dir, state / "encoder.onnx", max_length=32)
+        experiment = mlflow.MlflowClient().create_experiment(
+            "recommend-test", artifact_location=f"{settings.artifact_root}/recommend"
+        )
+        mlflow.set_experiment(experiment_id=experiment)
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=PairScorerPyfunc(), pip_requirements=["mlflow"],
+                artifacts={ONNX_ARTIFACT: str(onnx), TOKENIZER_ARTIFACT: str(tiny_model_dir / "tokenizer.json")},
+            )  # fmt: skip
+        version = mlflow.register_model(info.model_uri, "recommendation").version
+        mlflow.MlflowClient().set_registered_model_alias("recommendation", "champion", str(version))
+        yield state
 
 
 @pytest.fixture(scope="module")

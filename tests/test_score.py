@@ -30,7 +30,7 @@ from finetune_flows.tasks.batch.engine import EngineConfig, local_cluster_kwargs
 from finetune_flows.tasks.batch.partitions import plan_partitions, read_partition
 from finetune_flows.tasks.batch.runner import MANIFEST, cached_model, read_output
 from finetune_flows.tasks.monitoring.scoring import MonitorConfig
-from tests.conftest import NEGATIVE, POSITIVE
+from tests.conftest import NEGATIVE, POSITIVE, state_folder
 from tests.test_monitor import KeywordModel, stream, write_csv
 
 TEXTS = [f"{t} {suffix}" for suffix in ("indeed", "overall", "at last") for t in POSITIVE + NEGATIVE]  # 72 texts
@@ -59,7 +59,6 @@ def registry(
 ) -> Iterator[Path]:
     """A state folder whose MLflow store holds tiny-sentiment (ONNX), flaky and finance-monitoring (keywords)."""
     from finetune_flows.tasks.core.model_source import tokenizer_hash
-    from finetune_flows.tasks.core.settings import get_settings
     from finetune_flows.tasks.export.model_export import export_head
     from finetune_flows.tasks.publishing.registration import ServedModel, publish_version
     from finetune_flows.tasks.publishing.stage import entry_file
@@ -67,35 +66,26 @@ def registry(
     from finetune_flows.tasks.serving.packaging import SERVING_REQUIREMENTS, served_code_paths
 
     state = tmp_path_factory.mktemp("score-state")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_FLOWS_STATE_DIR", str(state))  # Dask workers started later inherit it
-        patch.delenv("FINETUNE_FLOWS_MLFLOW_TRACKING_URI", raising=False)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        previous = mlflow.get_tracking_uri()
-        settings = get_settings()
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        try:
-            onnx = export_head(
-                tiny_classifier_dir, "sequence-classification", state / "classifier.onnx", 64,
-                tokenizer_hash(tiny_classifier_dir),
-            )  # fmt: skip
-            client = mlflow.MlflowClient()
-            experiment = client.create_experiment("score-test", artifact_location=f"{settings.artifact_root}/score")
-            mlflow.set_experiment(experiment_id=experiment)
-            served = ServedModel(
-                python_model=str(entry_file("sequence-classification")),
-                artifacts={ONNX_ARTIFACT: str(onnx), TOKENIZER_ARTIFACT: str(tiny_classifier_dir / "tokenizer.json")},
-                code_paths=served_code_paths(state / "staged"),
-                pip_requirements=SERVING_REQUIREMENTS,
-                input_example=TEXTS[:2],
-            )
-            run_id = client.create_run(experiment).info.run_id
-            publish_version(run_id, "tiny-sentiment", served, metric=0.5, primary_metric="macro_f1", eval_hash="t")
-            log_pyfunc("flaky", FlakyModel())
-            log_pyfunc("finance-monitoring", KeywordModel())
-            yield state
-        finally:
-            mlflow.set_tracking_uri(previous)
+    with state_folder(state) as settings:
+        onnx = export_head(
+            tiny_classifier_dir, "sequence-classification", state / "classifier.onnx", 64,
+            tokenizer_hash(tiny_classifier_dir),
+        )  # fmt: skip
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("score-test", artifact_location=f"{settings.artifact_root}/score")
+        mlflow.set_experiment(experiment_id=experiment)
+        served = ServedModel(
+            python_model=str(entry_file("sequence-classification")),
+            artifacts={ONNX_ARTIFACT: str(onnx), TOKENIZER_ARTIFACT: str(tiny_classifier_dir / "tokenizer.json")},
+            code_paths=served_code_paths(state / "staged"),
+            pip_requirements=SERVING_REQUIREMENTS,
+            input_example=TEXTS[:2],
+        )
+        run_id = client.create_run(experiment).info.run_id
+        publish_version(run_id, "tiny-sentiment", served, metric=0.5, primary_metric="macro_f1", eval_hash="t")
+        log_pyfunc("flaky", FlakyModel())
+        log_pyfunc("finance-monitoring", KeywordModel())
+        yield state
 
 
 def text_folder(folder: Path) -> Path:
