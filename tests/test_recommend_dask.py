@@ -21,14 +21,21 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from prefect.states import Failed
 from pydantic import ValidationError
 
 from finetune_flows.flows.cli.main import build_parser
 from finetune_flows.flows.cli.score_command import engine_values
 from finetune_flows.flows.recommend import recommend
+from finetune_flows.plugins.errors import ConfigError
 from finetune_flows.tasks.batch.engine import EngineConfig, local_cluster_kwargs
 from finetune_flows.tasks.batch.runner import MANIFEST
-from finetune_flows.tasks.ranking.recommending import RecommendConfig, RecommendResult
+from finetune_flows.tasks.ranking.recommending import (
+    RecommendConfig,
+    RecommendResult,
+    fetch_scorer,
+    retry_unless_config_error,
+)
 from tests.conftest import state_folder
 
 LISTS = ["user", "rank", "item", "score", "text"]
@@ -244,3 +251,12 @@ def test_the_gate_drawn_from_the_sampled_queries_alone_is_the_gate_of_them_all()
 
     assert (len(probes), len(rows), whole.real_queries) == (50, 50, 50) and np.all(np.diff(rows) > 0)
     assert whole.model_dump(exclude={"build_seconds"}) == sampled.model_dump(exclude={"build_seconds"})
+
+
+def test_recommend_without_a_champion_names_the_model_and_alias(tmp_path: Path) -> None:
+    missing = r"no version of registered model 'shop-items' has alias 'champion' in "
+    with state_folder(tmp_path / "state"), pytest.raises(ConfigError, match=missing):
+        fetch_scorer.fn(RecommendConfig(model_name="shop-items"))
+    # retries are for a store that did not answer; waiting cannot make an alias appear
+    assert not retry_unless_config_error(None, None, Failed(data=ConfigError("no version")))
+    assert retry_unless_config_error(None, None, Failed(data=OSError("connection refused")))

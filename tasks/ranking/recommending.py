@@ -24,9 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_flows.plugins import ConfigError, DataError
 from finetune_flows.tasks.batch.engine import Engine, EngineConfig
-from finetune_flows.tasks.batch.runner import ScoreRun
+from finetune_flows.tasks.batch.runner import ScoreRun, resolve_version
 from finetune_flows.tasks.core.reports import write_csv
-from finetune_flows.tasks.core.secrets import guard
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tables import read_table, records
 from finetune_flows.tasks.ranking.dataset import interaction_folder
@@ -253,14 +252,23 @@ def recommend_for(config: RecommendConfig, folder: Path, encoder: SentenceEncode
     return finish(config, model_uri, started, audience, lists, search=search, embedding=embedding)
 
 
-@task(name="fetch-scorer", retries=2, retry_delay_seconds=5)
+def retry_unless_config_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: a store that does not answer is worth a retry, a missing alias is not."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="fetch-scorer", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_config_error)
 def fetch_scorer(config: RecommendConfig) -> tuple[str, str]:
-    """(local folder, models:/name/version) of the model the alias points to."""
+    """(local folder, models:/name/version) of the model the alias points to; a ``ConfigError`` when none has it."""
     import mlflow
 
-    mlflow.set_tracking_uri(guard(get_settings().tracking_uri))
-    version = mlflow.MlflowClient().get_model_version_by_alias(config.model_name, config.alias)
-    uri = f"models:/{config.model_name}/{version.version}"
+    uri = f"models:/{config.model_name}/{resolve_version(config.model_name, config.alias)}"
     return mlflow.artifacts.download_artifacts(uri), uri
 
 
