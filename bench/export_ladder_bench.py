@@ -5,8 +5,9 @@ prepared dataset it was trained on, and measures
 
   pytorch-eager  the head's export module (what the graph was traced from), fp32, torch.inference_mode,
                  HF fast tokenizer, the same length-sorted batches
-  fp32 ... int8  the ladder's candidates (tasks.export.serving_choice.climb: fp32, fused, dynamic and
-                 static int8 with the weight layout this CPU calls for), through the serving scorer
+  fp32 ... int8  the ladder's candidates (tasks.export.serving_choice.climb: fp32, fused, OpenVINO f32
+                 and bf16 where the CPU has it, dynamic and static int8 with the weight layout this CPU
+                 calls for), through the serving scorer
 
 in texts/s at batch 1 and 64, with each candidate's label agreement (embeddings: mean cosine) with
 the fp32 graph and its primary-metric loss on the eval split: the gate the flow applies. Where the

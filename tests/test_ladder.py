@@ -25,11 +25,15 @@ from finetune_flows.tasks.export.variants import (
     UNSIGNED,
     cpu_flags,
     fuse_graph,
+    openvino_graph,
+    openvino_precisions,
     quantize_dynamic_graph,
     weight_matmuls,
     weight_schemes,
 )
 from finetune_flows.tasks.serving.classifier import OnnxTextClassifier
+from finetune_flows.tasks.serving.packaging import SERVING_REQUIREMENTS, serving_requirements
+from finetune_flows.tasks.serving.runtime import OpenVinoSession
 from tests.test_export import review_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*axis name.*:UserWarning")
@@ -158,7 +162,37 @@ def test_climb_times_every_candidate_and_fp32_always_passes(request_for: EvalReq
         f"int8-dynamic-{s.name}" for s in weight_schemes(cpu_flags())
     ]
     assert any(n.startswith("int8-static") for n in names)
+    assert [n for n in names if n.startswith("openvino")] == [f"openvino-{p}" for p in openvino_precisions()]
     assert rows[0].passed and all(r.texts_per_s_batch1 > 0 and r.texts_per_s_batch64 > 0 for r in rows)
     for row in rows:
         assert row.passed == (row.agreement >= 0.99 and row.metric_loss <= 0.003)
     assert best_rung(rows).passed
+
+
+def test_an_openvino_rung_serves_the_fp32_graph_through_openvino(
+    fp32: Path, tiny_classifier_dir: Path, tmp_path: Path
+) -> None:
+    import openvino as ov
+
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert openvino_precisions() == (["f32", "bf16"] if "BF16" in capabilities else ["f32"])
+    graph = openvino_graph(fp32, tmp_path / "openvino-f32.onnx", "f32")
+    meta = {p.key: p.value for p in onnx.load(str(graph)).metadata_props}
+    original = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+    assert meta == original | {"serving_runtime": "openvino", "inference_precision": "f32"}
+
+    texts = review_texts(40, seed=5)
+    tokenizer = tiny_classifier_dir / "tokenizer.json"
+    reference = OnnxTextClassifier(fp32, tokenizer)
+    served = OnnxTextClassifier(graph, tokenizer)
+    assert isinstance(served.session, OpenVinoSession) and not isinstance(reference.session, OpenVinoSession)
+    assert served.labels == LABELS and served.max_length == 64
+    expected = reference.logits(texts, batch_size=16)
+    np.testing.assert_allclose(served.logits(texts, batch_size=16), expected, atol=1e-4)
+    first = served.session.run(["logits"], served.encode(texts[:8]))[0]
+    served.session.run(["logits"], served.encode(texts[8:16]))  # OpenVINO reuses its output buffers
+    np.testing.assert_allclose(first, reference.logits(texts[:8]), atol=1e-4)  # the first result is a copy
+
+    assert serving_requirements(fp32) == SERVING_REQUIREMENTS
+    extra = set(serving_requirements(graph)) - set(SERVING_REQUIREMENTS)
+    assert len(extra) == 1 and extra.pop().startswith("openvino==")

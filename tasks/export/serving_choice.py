@@ -31,6 +31,8 @@ from finetune_flows.tasks.export.variants import (
     WeightScheme,
     cpu_flags,
     fuse_graph,
+    openvino_graph,
+    openvino_precisions,
     quantize_dynamic_graph,
     quantize_static_graph,
     weight_matmuls,
@@ -77,6 +79,12 @@ def dynamic_rung(judge: Judge, base: Path, scheme: WeightScheme, nodes: list[str
     return judge.rung(name, target, kept, note, checked)
 
 
+def openvino_rung(judge: Judge, fp32: Path, precision: str, folder: Path) -> Rung:
+    """The fp32 graph compiled by OpenVINO at ``precision`` (it reads the ONNX file itself)."""
+    variant = f"openvino-{precision}"
+    return judge.rung(variant, openvino_graph(fp32, folder / f"{variant}.onnx", precision))
+
+
 def static_rung(
     judge: Judge,
     base: Path,
@@ -98,9 +106,11 @@ def climb(
     evaluator = evaluator_for(head)
     output = HEADS.get(head).export_output
     judge = Judge(fp32, tokenizer, output, head, texts, lambda path: evaluator.score_graph(path, request), gate)
-    rows = [judge.rung("fp32", fp32)]
-    rows.append(attempt("fused", partial(judge.rung, "fused", fuse_graph(fp32, folder / "fused.onnx"))))
-    base = Path(rows[-1].path) if rows[-1].passed else fp32
+    fused = attempt("fused", partial(judge.rung, "fused", fuse_graph(fp32, folder / "fused.onnx")))
+    rows = [judge.rung("fp32", fp32), fused]
+    for precision in openvino_precisions():
+        rows.append(attempt(f"openvino-{precision}", partial(openvino_rung, judge, fp32, precision, folder)))
+    base = Path(fused.path) if fused.passed else fp32
     nodes = weight_matmuls(base)
     if not nodes:
         return rows

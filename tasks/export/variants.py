@@ -11,6 +11,9 @@
     stored follows the CPU (``weight_schemes``).
 ``int8-static``
     QDQ int8 with activation ranges calibrated on the scenario's own eval texts, same nodes.
+``openvino-f32``, ``openvino-bf16``
+    the fp32 graph itself, marked to be compiled by OpenVINO's CPU plugin at that inference precision
+    (``tasks.serving.runtime``); bf16 only where OpenVINO reports the CPU can (AVX-512 BF16 or AMX).
 
 Every variant keeps the fp32 graph's metadata (labels, ``max_length``, tokenizer hash), so the serving
 scorers load it exactly like the fp32 graph.
@@ -194,4 +197,31 @@ def quantize_static_graph(
         weight_type=QuantType.QInt8 if scheme.signed else QuantType.QUInt8,
     )
     copy_metadata(source, target)
+    return target
+
+
+def openvino_precisions() -> list[str]:
+    """OpenVINO inference precisions worth a rung here: ``f32``, plus ``bf16`` where OpenVINO's CPU plugin
+    lists it among the CPU's capabilities; none where openvino is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ["f32"] + (["bf16"] if "BF16" in capabilities else [])
+
+
+def openvino_graph(source: Path, target: Path, precision: str) -> Path:
+    """``source`` written to ``target`` with the metadata that has it served on OpenVINO at ``precision``."""
+    import onnx
+
+    from finetune_flows.tasks.serving.runtime import OPENVINO, PRECISION_KEY, RUNTIME_KEY
+
+    model = onnx.load(str(source))
+    marks = {RUNTIME_KEY: OPENVINO, PRECISION_KEY: precision}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in marks]
+    del model.metadata_props[:]
+    for key, value in [*kept, *marks.items()]:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(target))
     return target

@@ -38,7 +38,7 @@ from finetune_flows.tasks.publishing.registration import (
     summary_markdown,
 )
 from finetune_flows.tasks.serving.classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
-from finetune_flows.tasks.serving.packaging import SERVING_REQUIREMENTS, served_code_paths
+from finetune_flows.tasks.serving.packaging import served_code_paths, serving_requirements
 
 EXAMPLE_ROWS = 3
 
@@ -128,7 +128,7 @@ def register_version(
             **{name: path for extra in extras for name, path in extra.served_artifacts.items()},
         },
         code_paths=served_code_paths(Path(run.run_dir) / "served_code"),
-        pip_requirements=SERVING_REQUIREMENTS,
+        pip_requirements=serving_requirements(ladder.served_path),
         input_example=input_example(Path(data.dataset_dir), head.text_columns),
     )
     request = eval_request(config, data, model_dir, ladder.served_path, run)

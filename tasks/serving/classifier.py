@@ -19,6 +19,7 @@ try:  # MLflow is a core dependency, but the scorer itself must not need it.
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
 
+from .runtime import open_session
 from .text_inputs import load_tokenizer, onnx_threads, padded_inputs, texts_from
 
 ONNX_ARTIFACT = "onnx_model"
@@ -31,12 +32,7 @@ class OnnxTextClassifier:
     """Tokenize with the model's own ``tokenizer.json`` and run the ONNX graph on onnxruntime."""
 
     def __init__(self, onnx_path: str | Path, tokenizer_path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(onnx_path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         id2label = json.loads(meta["id2label"])
         self.labels: list[str] = [id2label[key] for key in sorted(id2label, key=int)]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFilesError
+from .runtime import open_session
 from .text_inputs import load_tokenizer, padded_inputs
 
 DEFAULT_MAX_LENGTH = 128
@@ -20,13 +21,8 @@ class SentenceEncoder:
         self, onnx_path: str | Path, tokenizer_json_path: str | Path, max_length: int | None = None, threads: int = 0
     ) -> None:
         """``max_length`` None: the graph's ``max_length`` metadata, else ``DEFAULT_MAX_LENGTH`` tokens."""
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.onnx_path = Path(onnx_path)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(onnx_path, threads)
         outputs = {o.name: o for o in self.session.get_outputs()}
         if EMBEDDING_OUTPUT not in outputs:
             raise ModelFilesError(

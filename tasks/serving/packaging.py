@@ -27,6 +27,16 @@ SERVING_REQUIREMENTS: list[str] = [
 ]
 
 
+def serving_requirements(onnx_path: str | Path) -> list[str]:
+    """``SERVING_REQUIREMENTS``, plus openvino where the export ladder chose to serve the graph on it."""
+    import onnx
+
+    from .runtime import OPENVINO, RUNTIME_KEY
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return SERVING_REQUIREMENTS + ([f"openvino=={version('openvino')}"] if meta.get(RUNTIME_KEY) == OPENVINO else [])
+
+
 def served_code_paths(staging_dir: Path) -> list[str]:
     """Copy this package to ``staging_dir/finetune_flows_serving`` (replacing an older copy); the
     ``code_paths`` argument for ``mlflow.pyfunc.log_model``.

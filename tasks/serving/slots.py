@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 
 from .classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
 from .errors import ModelFilesError
+from .runtime import open_session
 from .text_inputs import load_tokenizer, onnx_threads, texts_from
 
 OUTSIDE = "O"
@@ -82,12 +83,7 @@ class OnnxSlotTagger:
     """Tokenize with the model's own ``tokenizer.json``, run the token-classification graph, decode the spans."""
 
     def __init__(self, onnx_path: str | Path, tokenizer_path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(onnx_path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         if "id2label" not in meta or "max_length" not in meta:
             raise ModelFilesError(f"{onnx_path} lacks the id2label or max_length metadata of a slot tagger")
