@@ -3,8 +3,9 @@
 Fast: what registration ships (the serving package, self-contained) and the pair scorer's
 ``score_scale``. Slow: three tiny versions go through the publishing core (``publish_version``)
 with the code and requirements that ``tasks.serving.packaging`` gives registration: a sentiment
-classifier, a classifier with a topic encoder, and a pair scorer. A fresh venv then gets only the
-``requirements.txt`` MLflow wrote next to each MLmodel, and must load each downloaded version with
+classifier, the same classifier served on OpenVINO (an export-ladder rung), a classifier with a topic
+encoder, and a pair scorer. A fresh venv then gets only the ``requirements.txt`` MLflow wrote next to
+each MLmodel (the OpenVINO version's, which adds openvino to the others'), and must load each downloaded version with
 ``mlflow.pyfunc.load_model`` and predict what this venv predicts with the same version (about a
 minute, most of it the venv's install from the pip cache and PyPI).
 """
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +30,12 @@ import pytest
 
 from finetune_flows.tasks.serving.classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT, TOPIC_ARTIFACT
 from finetune_flows.tasks.serving.errors import ModelFilesError, ModelInputError
-from finetune_flows.tasks.serving.packaging import SERVING_REQUIREMENTS, SHIPPED_PACKAGE, served_code_paths
+from finetune_flows.tasks.serving.packaging import (
+    SERVING_REQUIREMENTS,
+    SHIPPED_PACKAGE,
+    served_code_paths,
+    serving_requirements,
+)
 from finetune_flows.tasks.serving.pair_scorer import RANKING_TABLE_ARTIFACT, PairScorerPyfunc
 from finetune_flows.tasks.serving.topics import ENCODER_FILE, TAXONOMY_FILE, TOKENIZER_FILE
 from tests.conftest import NEGATIVE, POSITIVE
@@ -48,6 +55,7 @@ PAIRS = {
 # Model name -> the input each registered version is asked to predict.
 MODELS = {
     "served-sentiment": {"text": TEXTS},
+    "served-openvino": {"text": TEXTS},
     "served-finance": {"text": TEXTS},
     "served-pairs": PAIRS,
 }
@@ -77,6 +85,7 @@ SERVED_IMPORTS = {
     "numpy",
     "pandas",
     "onnxruntime",
+    "openvino",  # only for a version served on OpenVINO, which then lists it in its requirements
     "tokenizers",
     "mlflow",
     "pydantic",
@@ -154,6 +163,7 @@ def model_dirs(
 
     from finetune_flows.tasks.core.model_source import tokenizer_hash
     from finetune_flows.tasks.export.model_export import export_head, export_sentence_encoder
+    from finetune_flows.tasks.export.variants import openvino_graph
     from finetune_flows.tasks.publishing.registration import ServedModel, publish_version
     from finetune_flows.tasks.publishing.stage import entry_file  # the head's serving_entry file
 
@@ -180,6 +190,10 @@ def model_dirs(
     }
     served = {
         "served-sentiment": (entry_file("sequence-classification"), classifier),
+        "served-openvino": (
+            entry_file("sequence-classification"),
+            {**classifier, ONNX_ARTIFACT: str(openvino_graph(classifier_onnx, work / "openvino-f32.onnx", "f32"))},
+        ),
         "served-finance": (entry_file("sequence-classification"), {**classifier, TOPIC_ARTIFACT: str(topics)}),
         "served-pairs": (
             entry_file("bi-encoder"),
@@ -205,7 +219,7 @@ def model_dirs(
                     python_model=str(entry),
                     artifacts=artifacts,
                     code_paths=served_code_paths(work / "staged" / name),
-                    pip_requirements=SERVING_REQUIREMENTS,
+                    pip_requirements=serving_requirements(artifacts[ONNX_ARTIFACT]),
                     input_example=example["text"][:2] if "text" in example else {k: v[:2] for k, v in example.items()},
                 ),
                 metric=0.5,
@@ -227,9 +241,9 @@ def project_predictions(folder: Path, model_input: dict[str, list[str]]) -> pd.D
 
 @pytest.fixture(scope="module")
 def bare_python(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv holding only the models' own requirements.txt (the same file for all three)."""
-    requirements = {name: (folder / "requirements.txt").read_text() for name, folder in model_dirs.items()}
-    assert len(set(requirements.values())) == 1, requirements
+    """A fresh venv holding only the models' own requirements.txt: the OpenVINO version's, which holds the others'."""
+    requirements = {name: set((folder / "requirements.txt").read_text().split()) for name, folder in model_dirs.items()}
+    assert all(lines <= requirements["served-openvino"] for lines in requirements.values()), requirements
     venv = tmp_path_factory.mktemp("bare-venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -241,7 +255,7 @@ def bare_python(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
             "install",
             "--quiet",
             "-r",
-            str(model_dirs["served-sentiment"] / "requirements.txt"),
+            str(model_dirs["served-openvino"] / "requirements.txt"),
         ],
         env=bare_environment(),
         capture_output=True,
@@ -260,14 +274,15 @@ def bare_environment() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_versions_ship_the_serving_copy_and_pinned_requirements(model_dirs: dict[str, Path]) -> None:
-    for folder in model_dirs.values():
+    for name, folder in model_dirs.items():
         shipped = {p.name for p in (folder / "code").iterdir()}
         assert shipped == {SHIPPED_PACKAGE}, shipped  # not the whole tasks/ tree
         assert {"classifier.py", "pair_scorer.py", "topics.py"} <= {
             p.name for p in (folder / "code" / SHIPPED_PACKAGE).glob("*.py")
         }
         lines = (folder / "requirements.txt").read_text().split()
-        assert sorted(lines) == sorted(SERVING_REQUIREMENTS)
+        extra = [f"openvino=={version('openvino')}"] if name == "served-openvino" else []
+        assert sorted(lines) == sorted(SERVING_REQUIREMENTS + extra)
         assert all("==" in line for line in lines)
 
 
@@ -316,6 +331,8 @@ def test_versions_load_and_predict_without_finetune_flows(
                 assert bare[column].tolist() == here[column].tolist(), (name, column)
     # The checks above are not vacuous: labels, topics and scores vary across the inputs.
     sentiment = project_predictions(model_dirs["served-sentiment"], MODELS["served-sentiment"])
+    openvino = project_predictions(model_dirs["served-openvino"], MODELS["served-openvino"])
+    assert openvino["label"].tolist() == sentiment["label"].tolist()  # f32 on OpenVINO predicts as onnxruntime
     finance = project_predictions(model_dirs["served-finance"], MODELS["served-finance"])
     pairs = project_predictions(model_dirs["served-pairs"], PAIRS)
     assert sentiment["label"].nunique() == 2, sentiment

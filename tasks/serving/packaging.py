@@ -29,11 +29,14 @@ SERVING_REQUIREMENTS: list[str] = [
 
 def serving_requirements(onnx_path: str | Path) -> list[str]:
     """``SERVING_REQUIREMENTS``, plus openvino where the export ladder chose to serve the graph on it."""
-    import onnx
+    import onnxruntime as ort
 
     from .runtime import OPENVINO, RUNTIME_KEY
 
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only its metadata is read
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
     return SERVING_REQUIREMENTS + ([f"openvino=={version('openvino')}"] if meta.get(RUNTIME_KEY) == OPENVINO else [])
 
 
