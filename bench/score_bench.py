@@ -94,7 +94,7 @@ def register_graph(graph: Path, tokenizer: Path, state: Path) -> str:
     from finetune_flows.tasks.publishing.registration import ServedModel, publish_version
     from finetune_flows.tasks.publishing.stage import entry_file
     from finetune_flows.tasks.serving.classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT
-    from finetune_flows.tasks.serving.packaging import SERVING_REQUIREMENTS, served_code_paths
+    from finetune_flows.tasks.serving.packaging import served_code_paths, serving_requirements
 
     settings = get_settings()
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -104,7 +104,7 @@ def register_graph(graph: Path, tokenizer: Path, state: Path) -> str:
         python_model=str(entry_file("sequence-classification")),
         artifacts={ONNX_ARTIFACT: str(graph), TOKENIZER_ARTIFACT: str(tokenizer)},
         code_paths=served_code_paths(state / "staged"),
-        pip_requirements=SERVING_REQUIREMENTS,
+        pip_requirements=serving_requirements(graph),
         input_example=["a sentence"],
     )
     run_id = client.create_run(experiment).info.run_id
