@@ -6,7 +6,8 @@ registered through the publishing core scores a CSV + JSONL folder in one proces
 Dask workers (an existing local cluster reached by address) with the same rows, labels and
 probabilities as the pyfunc called on all texts at once, and no torch in the workers; the
 monitor stores the same records with engine=dask (a LocalCluster it starts) as by default; a
-run whose partition fails is resumed and skips the parts it wrote (their files untouched).
+run whose partition fails is resumed and skips the parts it wrote (their files untouched). Slow: a
+score run and a monitor run killed mid-way (flow process and Dask workers) resume where they stopped.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from finetune_flows.tasks.batch.partitions import plan_partitions, read_partitio
 from finetune_flows.tasks.batch.runner import MANIFEST, cached_model, read_output
 from finetune_flows.tasks.monitoring.scoring import MonitorConfig
 from tests.conftest import NEGATIVE, POSITIVE, state_folder
-from tests.test_monitor import KeywordModel, stream, write_csv
+from tests.test_monitor import TEMPLATES, KeywordModel, stream, window_rows, write_csv
 
 TEXTS = [f"{t} {suffix}" for suffix in ("indeed", "overall", "at last") for t in POSITIVE + NEGATIVE]  # 72 texts
 
@@ -290,3 +291,65 @@ def test_a_killed_score_run_resumes_where_it_stopped(registry: Path, tmp_path: P
     pd.testing.assert_frame_equal(one[["id", "text", "label"]], two[["id", "text", "label"]])
     np.testing.assert_allclose(one["prob_positive"], two["prob_positive"], atol=1e-5)
     assert clean.scored_parts == 50
+
+
+KILLED_MONITOR = """
+import json, sys
+from finetune_flows.flows.monitor import monitor
+from finetune_flows.tasks.monitoring.scoring import MonitorConfig
+monitor(MonitorConfig.model_validate(json.loads(sys.argv[1])))
+"""
+
+
+def store_rows(store: Path) -> list[tuple]:
+    with sqlite3.connect(store / "records.sqlite") as con:
+        return con.execute("SELECT * FROM records ORDER BY text_sha256, ts_us, source").fetchall()
+
+
+@pytest.mark.slow
+def test_a_killed_monitor_run_on_dask_resumes_and_stores_what_one_process_stores(
+    registry: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from finetune_flows.flows.monitor import monitor
+
+    rows = [r for hour in range(30) for topic in TEMPLATES for r in window_rows(topic, hour, 50, hour % 4)]
+    write_csv(tmp_path / "batch.csv", rows)  # 3000 records
+    store = tmp_path / "store"
+    config = MonitorConfig(
+        source=str(tmp_path / "batch.csv"), model_name="tiny-sentiment", store_dir=str(store), engine="dask",
+        workers=1, partition_rows=60,
+    )  # fmt: skip
+    with (tmp_path / "killed.log").open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_MONITOR, config.model_dump_json()],
+            env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            process.poll() is None
+            and time.monotonic() < deadline
+            and not list(store.glob("work/*/partitions/parts/part-*"))
+        ):
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the flow process and its Dask worker, mid-scoring
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    done = {p: p.stat().st_mtime_ns for p in store.glob("work/*/partitions/parts/part-*.parquet")}
+    assert 1 <= len(done) < 50
+    assert not (store / "records.sqlite").exists() or not store_rows(store)  # killed before it stored anything
+
+    resumed = monitor(config.model_copy(update={"workers": 2}))
+    assert resumed.new_records == 3000 and resumed.duplicates_skipped == 0
+    assert {p: t for p, t in done.items() if p.stat().st_mtime_ns == t} == done  # the parts it wrote: not redone
+    clean = monitor(config.model_copy(update={"store_dir": str(tmp_path / "clean"), "engine": "local"}))
+    assert (clean.new_records, clean.alerts) == (3000, resumed.alerts)
+    assert store_rows(store) == store_rows(tmp_path / "clean")
