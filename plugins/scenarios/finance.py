@@ -66,6 +66,13 @@ class FinanceScenario(ScenarioBase):
             "finetune_flows.tasks.monitoring.topic_encoder:export_topic_encoder",
             "the sentence encoder as ONNX and the topic taxonomy, shipped with the model for `monitor`",
         ),
+        ExtraStage(
+            "record-drift-reference",
+            StageHook.BEFORE_REGISTER,
+            "finetune_flows.tasks.monitoring.drift_reference:record_drift_reference",
+            "embeddings, vocabulary and lengths of the training texts and the model's eval predictions, "
+            "shipped with the model for the monitor's drift check",
+        ),
     )
     defaults: ClassVar[ScenarioDefaults] = ScenarioDefaults(
         model="minilm",

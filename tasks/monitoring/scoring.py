@@ -28,6 +28,7 @@ from finetune_flows.tasks.monitoring.batch_records import (
     read_source,
     write_error_report,
 )
+from finetune_flows.tasks.monitoring.drift import DriftRule, DriftSignal
 from finetune_flows.tasks.monitoring.record_store import stored_mask
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,30 @@ class MonitorConfig(EngineConfig):
     on_bad_records: BadRecordPolicy = Field(
         default=BadRecordPolicy.REPORT, description="report: list bad records and go on; fail: stop the run."
     )
+    drift_signals: list[DriftSignal] = Field(
+        default=[DriftSignal.EMBEDDING, DriftSignal.PREDICTION],
+        description="Drift signals that raise model.drift when they fire (all are measured; empty: never raised).",
+    )
+    drift_window_minutes: int = Field(
+        default=1440, ge=1, le=43200, description="Drift window length: a multiple of window_minutes."
+    )
+    drift_min_volume: int = Field(default=50, ge=10, le=1_000_000, description="Fewest texts in a judged drift window.")
+    drift_sample: int = Field(default=300, ge=10, le=5000, description="Texts per drift window embedded for the test.")
+    drift_alpha: float = Field(
+        default=0.002, gt=0.0, le=0.5, description="embedding: fires when the MMD test's p-value is below this."
+    )
+    drift_max_prediction_shift: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="prediction: fires above this total-variation distance."
+    )
+    drift_max_confidence_drop: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="confidence: fires when the mean confidence falls by more."
+    )
+    drift_max_oov_increase: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="vocabulary: fires when the out-of-vocabulary share rises by more."
+    )
+    drift_max_length_ks: float = Field(
+        default=0.3, ge=0.0, le=1.0, description="length: fires above this Kolmogorov-Smirnov statistic."
+    )
 
     @model_validator(mode="after")
     def _baseline_fits(self) -> MonitorConfig:
@@ -80,7 +105,23 @@ class MonitorConfig(EngineConfig):
             raise ValueError(
                 f"min_baseline_windows ({self.min_baseline_windows}) exceeds baseline_windows ({self.baseline_windows})"
             )
+        if self.drift_window_minutes % self.window_minutes:
+            raise ValueError(
+                f"drift_window_minutes ({self.drift_window_minutes}) is not a multiple of "
+                f"window_minutes ({self.window_minutes})"
+            )
         return self
+
+    def drift_rule(self) -> DriftRule:
+        """The drift rule of these settings."""
+        return DriftRule(
+            signals=self.drift_signals,
+            alpha=self.drift_alpha,
+            max_prediction_shift=self.drift_max_prediction_shift,
+            max_confidence_drop=self.drift_max_confidence_drop,
+            max_oov_increase=self.drift_max_oov_increase,
+            max_length_ks=self.drift_max_length_ks,
+        )
 
     def store_path(self) -> Path:
         """The store folder (created on first use)."""

@@ -121,8 +121,14 @@ def find_spikes(trend: pd.DataFrame, touched: list[TopicWindow], config: Monitor
     return alerts
 
 
-def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path, min_volume: int = 1) -> Path:
-    """Negative share per topic and window, spikes ringed in red (matplotlib, Agg).
+def plot_trend(
+    trend: pd.DataFrame,
+    spikes: list[Alert],
+    path: Path,
+    min_volume: int = 1,
+    drifted: list[tuple[datetime, datetime]] | None = None,
+) -> Path:
+    """Negative share per topic and window, spikes ringed in red, drifted windows shaded (matplotlib, Agg).
 
     Lines join only windows that hold ``min_volume`` texts (the volume an alert needs) and break
     at the others; those show as faint dots, since a topic with one or two texts in a window
@@ -132,6 +138,7 @@ def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path, min_volume:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.dates import date2num
 
     fig, ax = plt.subplots(figsize=(9, 4))
     if not trend.empty:
@@ -145,6 +152,9 @@ def plot_trend(trend: pd.DataFrame, spikes: list[Alert], path: Path, min_volume:
             (line,) = ax.plot(starts, full["share"].where(enough), marker="o", markersize=3, label=str(topic))
             few = full["share"].where(~enough & full["volume"].notna())
             ax.scatter(starts, few, s=6, color=line.get_color(), alpha=0.3)
+    for number, (start, end) in enumerate(drifted or []):
+        span = date2num(start), date2num(end)
+        ax.axvspan(*span, color="orange", alpha=0.15, label="text drift" if number == 0 else None)
     if spikes:
         ring = pd.DataFrame([a.model_dump() for a in spikes])
         ax.scatter(ring["window_start"], ring["share"], s=160, facecolors="none", edgecolors="red", label="spike")
@@ -237,8 +247,10 @@ def detect_spikes(trend: TrendResult, stored: StoreResult, config: MonitorConfig
 
 
 @task(name="report")
-def report(trend: TrendResult, alerts: list[Alert], config: MonitorConfig) -> ReportResult:
-    """Trend plot, alert artifact, and one ``finance.negative_spike`` Prefect event per alert."""
+def report(
+    trend: TrendResult, alerts: list[Alert], drifted: list[tuple[datetime, datetime]], config: MonitorConfig
+) -> ReportResult:
+    """Trend plot (drifted windows shaded), alert artifact, one ``finance.negative_spike`` Prefect event per alert."""
     frame = pd.read_parquet(trend.trend_path)
     # The plot rings every spike of the batch's windows (not only this run's alerts), so a replay draws the same plot.
     first = trend.first_window + config.baseline_windows
@@ -248,7 +260,7 @@ def report(trend: TrendResult, alerts: list[Alert], config: MonitorConfig) -> Re
         if r["window_index"] >= first
     ]
     png_path = config.store_path() / "reports" / f"trend-{trend.batch_id}.png"
-    png = plot_trend(frame, find_spikes(frame, every, config), png_path, config.min_volume)
+    png = plot_trend(frame, find_spikes(frame, every, config), png_path, config.min_volume, drifted)
     create_markdown_artifact(
         key="finance-alerts", description="Negative-share spikes", markdown=alerts_markdown(alerts, png, config)
     )
