@@ -48,7 +48,7 @@ def test_names_are_unique_and_expected() -> None:
         "intents-multilabel-finetune",
         "slots-finetune",
         "pretrain", "mlm-train",
-        "sentiment-tune",
+        "sentiment-tune", "finance-label",
     }  # fmt: skip
 
 
@@ -148,3 +148,44 @@ def test_retrain_deployments_are_scheduled_and_hand_training_to_the_gpu_pool(nam
     assert len(schedule["cron"].split()) == 5
     assert ZoneInfo(schedule["timezone"])  # a real IANA time zone
     assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+
+
+def test_finance_retrain_triggers_match_what_monitor_and_label_emit() -> None:
+    from datetime import timedelta
+
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    from finetune_flows.flows.label import LabelConfig
+    from finetune_flows.tasks.core.config import RetrainConfig
+    from finetune_flows.tasks.labelling.asking import NEW_LABELS_EVENT
+    from finetune_flows.tasks.monitoring.drift_check import DRIFT_EVENT
+    from finetune_flows.tasks.monitoring.scoring import MonitorConfig
+
+    retrain = RetrainConfig.model_validate(DEPLOYMENTS["finance-retrain"]["parameters"]["config"])
+    label = LabelConfig.model_validate(DEPLOYMENTS["finance-label"]["parameters"]["config"])
+    monitor = MonitorConfig.model_validate(DEPLOYMENTS["finance-monitor"]["parameters"]["config"])
+    adapter = TypeAdapter(DeploymentTriggerTypes)
+    triggers = {t["name"]: adapter.validate_python(t) for t in DEPLOYMENTS["finance-retrain"]["triggers"]}
+    drift, labels, spike = (triggers[f"finance-retrain on {n}"] for n in ("drift", "new labels", "negative spike"))
+    assert drift.expect == {DRIFT_EVENT} and labels.expect == {NEW_LABELS_EVENT}
+    assert {t.match.root["prefect.resource.id"] for t in (drift, labels)} == {f"model.{retrain.model_name}"}
+    assert monitor.model_name == label.model_name == retrain.model_name
+    assert drift.enabled and labels.enabled and not spike.enabled  # a spike retrains only when the team wants it
+    assert all(
+        t.posture == "Reactive" and t.threshold == 1 and t.within >= timedelta(hours=1) for t in triggers.values()
+    )
+    assert (label.data_folder, label.eval_path) == (retrain.data_folder, retrain.data.eval_path)
+
+
+def test_notification_automations_validate_and_point_at_the_users_block() -> None:
+    from uuid import uuid4
+
+    from finetune_flows.flows.cli.notifications import AUTOMATIONS_YAML, automation_specs
+
+    block = uuid4()
+    specs = automation_specs(AUTOMATIONS_YAML, block)
+    assert [s.trigger.expect for s in specs] == [
+        {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}, {"finance.negative_spike"}, {"model.drift"},
+    ]  # fmt: skip
+    assert all(a.block_document_id == block for s in specs for a in s.actions)

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from finetune_flows.flows.cli.notifications import wire_notifications
 from finetune_flows.flows.cli.processes import (
     HOST,
     Service,
@@ -187,6 +188,9 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML, auth: bool | None 
                     f"run `finetune-flows down` first to restart them {'without' if record.auth else 'with'} it"
                 )
             logger.info("already up: %s", ", ".join(f"{s.service.name} (pid {s.service.pid})" for s in found))
+            if settings.notify_block:  # e.g. the block was created in the UI after the first `up`
+                secret = credentials.prefect_auth_string.get_secret_value() if credentials else None
+                wire_notifications(record.prefect_url, settings.notify_block, secret)
             return record, False
         logger.warning("a recorded service is down; stopping the rest and starting afresh")
         down(settings)
@@ -246,6 +250,8 @@ def up(settings: Settings, prefect_yaml: Path = PREFECT_YAML, auth: bool | None 
         pools = work_pools(prefect_yaml)
         _ensure_pools(prefect_url, pools, auth_string)
         _deploy(env, folder, prefect_yaml, settings.service_timeout)
+        if settings.notify_block:  # a block saved on this server (the database outlives `down`)
+            wire_notifications(prefect_url, settings.notify_block, auth_string)
         worker = [*prefect, "worker", "start", "--type", "process", "--pool"]
         workers = {p: start(f"worker-{p}", [*worker, p, "--name", f"finetune-flows-{p}"]) for p in pools}
         _wait_pools_ready(prefect_url, workers, time.monotonic() + settings.service_timeout, auth_string)

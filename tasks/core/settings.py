@@ -52,6 +52,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    notify_block: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]+/[\w-]+$",
+        description=(
+            "A Prefect notification block, <block-type-slug>/<name> (e.g. custom-webhook/ops, slack-webhook/ml-team), "
+            "that `finetune-flows up` wires to the automations of deployments/automations.yaml (failed runs, spikes, "
+            "drift). Empty: no notifications."
+        ),
+    )
+
     @cached_property
     def state(self) -> Path:
         """The state folder as an absolute path (created on first use)."""
