@@ -48,7 +48,7 @@ def test_names_are_unique_and_expected() -> None:
         "intents-multilabel-finetune",
         "slots-finetune",
         "pretrain", "mlm-train",
-        "sentiment-tune", "finance-label",
+        "sentiment-tune", "finance-label", "finance-watch-data",
     }  # fmt: skip
 
 
@@ -158,6 +158,7 @@ def test_finance_retrain_triggers_match_what_monitor_and_label_emit() -> None:
 
     from finetune_flows.flows.label import LabelConfig
     from finetune_flows.tasks.core.config import RetrainConfig
+    from finetune_flows.tasks.labelling.arrivals import NEW_FILE_EVENT, WatchConfig
     from finetune_flows.tasks.labelling.asking import NEW_LABELS_EVENT
     from finetune_flows.tasks.monitoring.drift_check import DRIFT_EVENT
     from finetune_flows.tasks.monitoring.scoring import MonitorConfig
@@ -167,8 +168,9 @@ def test_finance_retrain_triggers_match_what_monitor_and_label_emit() -> None:
     monitor = MonitorConfig.model_validate(DEPLOYMENTS["finance-monitor"]["parameters"]["config"])
     adapter = TypeAdapter(DeploymentTriggerTypes)
     triggers = {t["name"]: adapter.validate_python(t) for t in DEPLOYMENTS["finance-retrain"]["triggers"]}
-    drift, labels, spike = (triggers[f"finance-retrain on {n}"] for n in ("drift", "new labels", "negative spike"))
-    assert drift.expect == {DRIFT_EVENT} and labels.expect == {NEW_LABELS_EVENT}
+    watch = WatchConfig.model_validate(DEPLOYMENTS["finance-watch-data"]["parameters"]["config"])
+    drift, labels, spike = (triggers[f"finance-retrain on {n}"] for n in ("drift", "new data", "negative spike"))
+    assert drift.expect == {DRIFT_EVENT} and labels.expect == {NEW_LABELS_EVENT, NEW_FILE_EVENT}
     assert {t.match.root["prefect.resource.id"] for t in (drift, labels)} == {f"model.{retrain.model_name}"}
     assert monitor.model_name == label.model_name == retrain.model_name
     assert drift.enabled and labels.enabled and not spike.enabled  # a spike retrains only when the team wants it
@@ -176,6 +178,7 @@ def test_finance_retrain_triggers_match_what_monitor_and_label_emit() -> None:
         t.posture == "Reactive" and t.threshold == 1 and t.within >= timedelta(hours=1) for t in triggers.values()
     )
     assert (label.data_folder, label.eval_path) == (retrain.data_folder, retrain.data.eval_path)
+    assert (watch.data_folder, watch.model_name) == (retrain.data_folder, retrain.model_name)
 
 
 def test_notification_automations_validate_and_point_at_the_users_block() -> None:

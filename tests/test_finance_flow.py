@@ -1,5 +1,6 @@
 """The finetune flow for a scenario with a topic taxonomy: the sentence encoder is exported,
-parity-checked and registered with the classifier, and the pyfunc returns a topic per text."""
+parity-checked and registered with the classifier, and the pyfunc returns a topic per text; the drift
+reference travels with it, embedded by that encoder."""
 
 from __future__ import annotations
 
@@ -50,3 +51,13 @@ def test_finance_flow_registers_the_topic_encoder(state_dir, tiny_model_dir, tmp
         )
     }
     assert {"artifacts/topic_encoder/encoder.onnx", "artifacts/topic_encoder/topics.json"} <= artifacts
+
+    # The drift reference: embedded by the topic encoder the version ships (not a second copy of it).
+    from finetune_flows.tasks.monitoring.drift_reference import fetch_reference
+
+    found = fetch_reference("finance-monitoring", summary.version, tmp_path / "reference")
+    assert found is not None
+    reference, embeddings, encoder = found
+    assert encoder.name == "topic_encoder" and embeddings.shape == (reference.texts, 384)  # all train texts < 1000
+    assert set(reference.label_shares) <= set(SENTENCES) and abs(sum(reference.label_shares.values()) - 1) < 1e-9
+    assert {"profit", "jobs", "helsinki"} <= set(reference.vocabulary) and reference.oov_rate < 0.05

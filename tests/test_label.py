@@ -87,6 +87,10 @@ def test_the_form_offers_the_labels_and_skip_and_answers_map_back() -> None:
     choice = schema["$defs"]["Choice1"]["enum"]
     assert choice == [*LABELS, SKIP] and schema["required"] == ["labelled_by"]
     assert schema["properties"]["text_2"]["title"].endswith("...") and schema["properties"]["text_2"]["description"]
+    assert (
+        schema["properties"]["text_1"]["title"] == "1. Profit rose"
+        and "description" not in schema["properties"]["text_1"]
+    )
     answered = form(labelled_by="ana", text_1="positive", text_2="skip")
     assert answers_of(answered, texts, [0.9, 0.8]) == [
         Answer(text="Profit rose", label="positive", uncertainty=0.9),
@@ -225,3 +229,26 @@ def test_label_flow_saves_each_batch_survives_a_kill_and_requests_retraining(sta
     assert labels["label"].tolist() == ["neutral"] * 3 + ["positive", "negative", "negative"]
     assert set(labels["labelled_by"]) == {"bo"} and labels["text"].tolist() == again
     assert json.loads((data / ".label-state.json").read_text()) == {"labels_at_request": 8}
+
+
+# -- watch-data: new files in the data folder -----------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_watch_data_announces_each_new_or_changed_file_once(tmp_path: Path) -> None:
+    from finetune_flows.flows.watch import watch_data
+    from finetune_flows.tasks.labelling.arrivals import WatchConfig
+
+    data = tmp_path / "data"
+    config = WatchConfig(data_folder=str(data))
+    assert watch_data(config).files == []  # no folder yet: nothing to announce, nothing fails
+    data.mkdir()
+    pd.DataFrame({"text": ["a", "b"], "label": ["negative", "positive"]}).to_csv(data / "team.csv", index=False)
+    pd.DataFrame({"text": ["c"], "label": ["neutral"]}).to_csv(data / "labels-1-abc.csv", index=False)  # label's own
+    (data / "notes.md").write_text("not data", encoding="utf-8")
+    first = watch_data(config)
+    assert first.files == ["team.csv"] and len(first.events) == 1 and first.watched == 1
+    assert watch_data(config).files == []  # seen
+    pd.DataFrame({"text": ["d"], "label": ["neutral"]}).to_csv(data / "more.csv", index=False)
+    pd.DataFrame({"text": ["a", "e"], "label": ["negative", "neutral"]}).to_csv(data / "team.csv", index=False)
+    assert watch_data(config).files == ["more.csv", "team.csv"]  # new, and changed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,17 @@ def write_monitor_summary(summary: Any, config: Any) -> None:
         out.write(
             f"  ALERT {alert.topic}: negative share {alert.share:.0%} in {alert.window_start:%Y-%m-%d %H:%M}"
             f"-{alert.window_end:%H:%M} UTC ({alert.volume} texts; baseline {alert.baseline_mean:.0%})\n"
+        )
+    minutes = config.drift_window_minutes
+    raised = set(summary.drift_raised)
+    out.write(f"drift            : {summary.drift_note or f'{len(summary.drift)} window(s) judged'}\n")
+    for drift in summary.drift:
+        start = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(minutes=drift.window * minutes)
+        fired = ", ".join(drift.fired) or "none fired"
+        event = " (model.drift raised)" if drift.window in raised else ""
+        out.write(
+            f"  {start:%Y-%m-%d %H:%M} +{minutes} min: {drift.volume} texts, embedding p {drift.embedding_p:.4f}, "
+            f"prediction shift {drift.prediction_shift:.2f}: {fired}{event}\n"
         )
     out.write(f"trend plot       : {summary.trend_png}\n")
     if summary.bad_records:

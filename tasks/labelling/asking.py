@@ -1,12 +1,12 @@
 """Label, stages 2-3: the form a person answers in the Prefect UI, saving the answers, requesting retraining.
 
 Each batch is a ``RunInput`` built for its texts: who is labelling, then one choice per text
-among the model's labels and ``skip`` (a drop-down in the Prefect UI; the full text is the
-field's description and the form's Markdown). The paused run resumes when the form is submitted.
-Answers are saved before the next form is shown (``label_files.py``). When the labels that
-arrived since the last request reach ``retrain_after``, a ``finetune-flows.data.new-labels``
-event about the model (resource ``model.<model_name>``, the folder in its payload) goes out; the
-model's retrain deployment has a trigger that starts a run on it.
+among the model's labels and ``skip`` (a drop-down in the Prefect UI, titled with the text; a long
+text is cut there and shown whole below, and all of them are listed in the form's Markdown). The
+paused run resumes when the form is submitted. Answers are saved before the next form is shown
+(``label_files.py``). When the labels that arrived since the last request reach ``retrain_after``,
+a ``finetune-flows.data.new-labels`` event about the model (resource ``model.<model_name>``, the
+folder in its payload) goes out; the model's retrain deployment has a trigger that starts a run on it.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def label_form(labels: list[str], texts: list[str], batch: int) -> type[RunInput
         ),
     }
     for number, text in enumerate(texts, start=1):
-        short = text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 3] + "..."
-        fields[f"text_{number}"] = (choice, Field(default=SKIP, title=f"{number}. {short}", description=text))
+        whole = len(text) <= TITLE_CHARS  # a longer text is cut in the title and shown whole below it
+        title = f"{number}. {text if whole else text[: TITLE_CHARS - 3] + '...'}"
+        fields[f"text_{number}"] = (choice, Field(default=SKIP, title=title, description=None if whole else text))
     return create_model(f"LabelBatch{batch}", __base__=RunInput, **fields)
 
 
