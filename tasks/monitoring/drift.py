@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 WORD = re.compile(r"[^\W\d_]+")
-PERMUTATIONS = 500
+PERMUTATIONS = 1000
 REFERENCE_SAMPLE = 500  # reference embeddings in one test (of those recorded), drawn per window
 
 
