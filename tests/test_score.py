@@ -16,7 +16,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.pyfunc import PythonModel
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from finetune_flows.plugins import DataError
 from finetune_flows.tasks.batch.engine import EngineConfig, local_cluster_kwargs
@@ -248,14 +248,33 @@ score(ScoreConfig.model_validate(json.loads(sys.argv[1])))
 """
 
 
-@pytest.mark.slow
-def test_a_killed_score_run_resumes_where_it_stopped(registry: Path, tmp_path: Path) -> None:
+def kill_when(script: str, config: BaseModel, ready: Callable[[], bool], log: Path) -> None:
+    """Run ``script`` on ``config`` in its own process group against this Prefect server; SIGKILL the group (the
+    flow process and its Dask workers) once ``ready()`` holds, and check it was killed, not finished."""
     import signal
     import subprocess
     import time
 
     from prefect.settings import PREFECT_API_URL
 
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, config.model_dump_json()],
+            env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_score_run_resumes_where_it_stopped(registry: Path, tmp_path: Path) -> None:
     from finetune_flows.flows.score import ScoreConfig, score
 
     texts = [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(3000)]
@@ -265,20 +284,7 @@ def test_a_killed_score_run_resumes_where_it_stopped(registry: Path, tmp_path: P
         model_name="tiny-sentiment", input=str(tmp_path / "in.csv"), output=str(out), partition_rows=60,
         engine="dask", workers=1,
     )  # fmt: skip
-    with (tmp_path / "killed.log").open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", KILLED_RUN, config.model_dump_json()],
-            env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
-            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline and not list(out.glob("part-*.parquet")):
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the flow process and its Dask worker, mid-run
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    kill_when(KILLED_RUN, config, lambda: bool(list(out.glob("part-*.parquet"))), tmp_path / "killed.log")
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert 1 <= len(done) < 50 and json.loads((out / MANIFEST).read_text())["complete"] is False
 
@@ -310,12 +316,6 @@ def store_rows(store: Path) -> list[tuple]:
 def test_a_killed_monitor_run_on_dask_resumes_and_stores_what_one_process_stores(
     registry: Path, tmp_path: Path
 ) -> None:
-    import signal
-    import subprocess
-    import time
-
-    from prefect.settings import PREFECT_API_URL
-
     from finetune_flows.flows.monitor import monitor
 
     rows = [r for hour in range(30) for topic in TEMPLATES for r in window_rows(topic, hour, 50, hour % 4)]
@@ -325,25 +325,9 @@ def test_a_killed_monitor_run_on_dask_resumes_and_stores_what_one_process_stores
         source=str(tmp_path / "batch.csv"), model_name="tiny-sentiment", store_dir=str(store), engine="dask",
         workers=1, partition_rows=60,
     )  # fmt: skip
-    with (tmp_path / "killed.log").open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", KILLED_MONITOR, config.model_dump_json()],
-            env={**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())},
-            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while (
-            process.poll() is None
-            and time.monotonic() < deadline
-            and not list(store.glob("work/*/partitions/parts/part-*"))
-        ):
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the flow process and its Dask worker, mid-scoring
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    done = {p: p.stat().st_mtime_ns for p in store.glob("work/*/partitions/parts/part-*.parquet")}
+    parts = "work/*/partitions/parts/part-*.parquet"
+    kill_when(KILLED_MONITOR, config, lambda: bool(list(store.glob(parts))), tmp_path / "killed.log")
+    done = {p: p.stat().st_mtime_ns for p in store.glob(parts)}
     assert 1 <= len(done) < 50
     assert not (store / "records.sqlite").exists() or not store_rows(store)  # killed before it stored anything
 

@@ -73,15 +73,20 @@ class RetrainSummary(BaseModel):
     reused: bool
 
 
+def is_data_file(path: Path) -> bool:
+    """Whether retraining reads ``path``: a visible file with a table suffix (``.gz`` too)."""
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and path.name.lower().removesuffix(".gz").endswith(DATA_SUFFIXES)
+    )
+
+
 def data_files(folder: Path) -> list[Path]:
     """The labelled files in ``folder`` (sorted by name, hidden files skipped)."""
     if not folder.is_dir():
         raise DataError("data folder not found", file=folder, hint="Set data_folder to a folder of labelled files")
-    found = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().removesuffix(".gz").endswith(DATA_SUFFIXES)
-    )
+    found = sorted(p for p in folder.iterdir() if is_data_file(p))
     if not found:
         raise DataError(f"no labelled files ({', '.join(DATA_SUFFIXES)}, .gz too) in the data folder", file=folder)
     return found

@@ -1,7 +1,7 @@
 """New labelled files in a data folder, as Prefect events: what the retrain trigger listens to.
 
 Prefect has no file watcher, so a scheduled flow (``watch-data``) compares the folder's labelled
-files (the ones retraining reads: ``tasks.core.retraining.data_files``, hidden files skipped) with
+files (the ones retraining reads: ``tasks.core.retraining.is_data_file``) with
 the ones it saw last time, recorded in ``<data_folder>/.seen-files.json`` by name and content hash.
 Each new or changed file raises one ``finetune-flows.data.new-file`` event about the model
 (resource ``model.<model_name>``). The ``label`` flow's own files (``labels-*.csv``) are left to it:
@@ -20,7 +20,7 @@ from prefect import task
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune_flows.tasks.core.retraining import DATA_SUFFIXES
+from finetune_flows.tasks.core.retraining import is_data_file
 from finetune_flows.tasks.core.tables import file_sha256
 from finetune_flows.tasks.labelling.label_files import PREFIX
 
@@ -54,11 +54,7 @@ def labelled_files(folder: Path) -> dict[str, str]:
     if not folder.is_dir():
         return {}
     return {
-        p.name: file_sha256(p)
-        for p in sorted(folder.iterdir())
-        if p.is_file()
-        and not p.name.startswith((".", PREFIX))
-        and p.name.lower().removesuffix(".gz").endswith(DATA_SUFFIXES)
+        p.name: file_sha256(p) for p in sorted(folder.iterdir()) if is_data_file(p) and not p.name.startswith(PREFIX)
     }
 
 
