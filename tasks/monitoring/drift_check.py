@@ -94,7 +94,7 @@ def check_drift(stored: StoreResult, scored: ScoredBatch, config: MonitorConfig)
         logger.warning("drift: %s", note)
         return DriftResult(windows=[], raised=[], events=[], window_minutes=minutes, note=note)
     reference, reference_embeddings, encoder_dir = found
-    encoder = SentenceEncoder(encoder_dir / ENCODER_FILE, encoder_dir / TOKENIZER_FILE)
+    encoder: SentenceEncoder | None = None  # opened for the first window that has enough records
     rule = config.drift_rule()
     judged: list[WindowDrift] = []
     for window in touched_drift_windows(stored, config):
@@ -104,6 +104,7 @@ def check_drift(stored: StoreResult, scored: ScoredBatch, config: MonitorConfig)
         rng = np.random.default_rng(window)
         pick = sorted(rng.choice(len(records), min(config.drift_sample, len(records)), replace=False).tolist())
         texts = records["text"].tolist()
+        encoder = encoder or SentenceEncoder(encoder_dir / ENCODER_FILE, encoder_dir / TOKENIZER_FILE)
         embeddings = encoder.encode([texts[i] for i in pick])
         labels, scores = records["label"].astype(str).tolist(), records["score"].astype(float).tolist()
         drift = window_drift(window, texts, labels, scores, embeddings, reference, reference_embeddings, rule)
