@@ -28,9 +28,10 @@ import pandas as pd
 import pytest
 from mlflow.pyfunc import PythonModel
 
+from finetune_flows.plugins.errors import DataError
 from finetune_flows.tasks.labelling.asking import SKIP, Answer, answers_of, label_form, save_labels
 from finetune_flows.tasks.labelling.label_files import SKIPS_FILE, label_count, labelled_texts
-from finetune_flows.tasks.labelling.picking import LabelConfig
+from finetune_flows.tasks.labelling.picking import LabelConfig, eval_rows
 from finetune_flows.tasks.labelling.selection import diversified, expected_calibration_error, fit_temperature, scaled
 
 LABELS = ["negative", "neutral", "positive"]
@@ -80,6 +81,26 @@ def test_diversification_takes_one_text_per_group_of_near_duplicates() -> None:
     assert [int(i) for i in np.argsort(-uncertainty)[:4]] == [0, 4, 8, 12]  # plain top-4 would be one group
 
 
+def test_the_eval_file_is_read_as_the_versions_scenario_reads_its_data(tmp_path: Path) -> None:
+    phrasebank = tmp_path / "eval.txt"
+    phrasebank.write_text("Profit rose 20 % .@positive\nThe company is based in Espoo .@neutral\n", encoding="utf-8")
+    rows = eval_rows(phrasebank, {"scenario": "finance-monitoring"})
+    assert rows[["text", "label"]].values.tolist() == [
+        ["Profit rose 20 % .", "positive"], ["The company is based in Espoo .", "neutral"],
+    ]  # fmt: skip
+    numbered = tmp_path / "eval.csv"
+    pd.DataFrame({"sentence": ["Sales fell .", "Sales grew ."], "label": ["0", "2"]}).to_csv(numbered, index=False)
+    tags = {"scenario": "finance-monitoring", "data.label_map": "0:negative,1:neutral,2:positive"}
+    assert eval_rows(numbered, tags)["label"].tolist() == ["negative", "positive"]
+    with pytest.raises(DataError) as caught:
+        eval_rows(
+            numbered, {"scenario": "finance-monitoring"}
+        )  # without the version's label map, "0" is no finance label
+    assert (caught.value.row, caught.value.column, caught.value.value) == (1, "label", "0")
+    with pytest.raises(DataError, match="missing column 'text'"):
+        eval_rows(numbered, {})  # a version that names no scenario: text and label columns
+
+
 def test_the_form_offers_the_labels_and_skip_and_answers_map_back() -> None:
     texts = ["Profit rose", "x" * 200]
     form = label_form(LABELS, texts, 1)
@@ -121,7 +142,8 @@ def test_saved_labels_and_skips_are_appended_and_left_out_of_the_next_pool(tmp_p
 LABEL_RUN = """
 import json, sys
 from finetune_flows.flows.label import label
-from finetune_flows.tasks.labelling.picking import LabelConfig
+from finetune_flows.plugins.errors import DataError
+from finetune_flows.tasks.labelling.picking import LabelConfig, eval_rows
 print("SUMMARY " + label(LabelConfig.model_validate(json.loads(sys.argv[1]))).model_dump_json())
 """
 

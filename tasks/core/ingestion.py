@@ -126,8 +126,9 @@ def _absolute(path: Path | None) -> str | None:
     return str(path.expanduser().resolve()) if path is not None else None
 
 
-def _read_labelled(path: Path, scenario: Scenario, options: IngestOptions) -> tuple[pd.DataFrame, str, str]:
-    """Validated rows of ``path`` and its (text, label) column names."""
+def read_labelled(path: Path, scenario: Scenario, options: IngestOptions) -> tuple[pd.DataFrame, str, str]:
+    """Validated rows of ``path`` (columns ``text`` and ``label``, the scenario's label names) and the file's (text,
+    label) column names: the scenario's formats and layouts, ``options``' columns, label map and caps."""
     frame = read_table(path, scenario, max_file_mb=options.max_file_mb, max_rows=options.max_rows)
     text_col, label_col = resolve_columns(frame, path, scenario, options)
     label_map = dict(options.label_map or {})
@@ -179,7 +180,7 @@ def ingest_files(
         _warn_imbalance(result, options.max_imbalance_ratio)
         return result
 
-    train, text_col, label_col = _read_labelled(train_file, scenario, options)
+    train, text_col, label_col = read_labelled(train_file, scenario, options)
     before = len(train)
     train = train.drop_duplicates(subset=["text", "label"], keep="first")
     duplicates = before - len(train)
@@ -193,7 +194,7 @@ def ingest_files(
         ("select", None, options.select_fraction),
     ):
         if file is not None:
-            part, _, part_label = _read_labelled(file, scenario, options)
+            part, _, part_label = read_labelled(file, scenario, options)
             held[split] = (part, file, part_label)
             sources[split] = file.name
         elif fraction > 0:

@@ -11,6 +11,7 @@ without one, by TF-IDF vectors reduced to 64 dimensions, and diversified by k-me
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
 
@@ -19,10 +20,14 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune_flows.plugins import SCENARIOS
 from finetune_flows.plugins.errors import DataError
 from finetune_flows.tasks.batch.partitions import plan_partitions, read_partition
 from finetune_flows.tasks.batch.runner import resolve_version
+from finetune_flows.tasks.core.ingestion import IngestOptions, read_labelled
+from finetune_flows.tasks.core.overrides import parse_label_map
 from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.core.tables import read_table
 from finetune_flows.tasks.labelling.label_files import labelled_texts
 from finetune_flows.tasks.labelling.selection import diversified, entropy, fit_temperature, scaled
 from finetune_flows.tasks.monitoring.drift_reference import fetch_reference
@@ -108,12 +113,25 @@ def class_probabilities(predicted: pd.DataFrame) -> tuple[list[str], np.ndarray]
     return [c.removeprefix("prob_") for c in columns], predicted[columns].to_numpy(dtype=np.float64)
 
 
-def temperature_on(model: object, eval_path: Path, labels: list[str]) -> float:
-    """The temperature fitted on a labelled eval file (``text``, ``label`` columns)."""
-    frame = pd.read_csv(eval_path, dtype=str, keep_default_na=False)
-    missing = {"text", "label"} - set(frame.columns)
-    if missing:
-        raise DataError(f"eval file lacks columns {sorted(missing)}", file=eval_path)
+def eval_rows(eval_path: Path, tags: Mapping[str, str]) -> pd.DataFrame:
+    """The ``text`` and ``label`` rows of a labelled eval file, read as the version's scenario reads its data files
+    (its formats, such as PhraseBank's ``.txt``, its column layouts and the version's label map); a version that
+    names no scenario reads a CSV/JSONL/Parquet file with ``text`` and ``label`` columns."""
+    name = tags.get("scenario")
+    if name:
+        label_map = parse_label_map(tags["data.label_map"]) if tags.get("data.label_map") else None
+        return read_labelled(eval_path, SCENARIOS.get(name), IngestOptions(label_map=label_map))[0]
+    frame = read_table(eval_path)
+    for column in ("text", "label"):
+        if column not in frame.columns:
+            raise DataError(f"missing column {column!r}; columns found: {list(frame.columns)}", file=eval_path,
+                            column=column)  # fmt: skip
+    return frame[["text", "label"]]
+
+
+def temperature_on(model: object, eval_path: Path, labels: list[str], tags: Mapping[str, str]) -> float:
+    """The temperature fitted on a labelled eval file (read by ``eval_rows``) by the model's log-likelihood."""
+    frame = eval_rows(eval_path, tags)
     for row, value in enumerate(frame["label"], start=1):
         if value not in labels:
             raise DataError(f"label not among the model's {labels}", file=eval_path, row=row, column="label",
@@ -150,7 +168,8 @@ def pick_texts(config: LabelConfig, work: str) -> Candidates:
     version = resolve_version(config.model_name, config.alias)
     model = mlflow.pyfunc.load_model(f"models:/{config.model_name}/{version}")
     labels, probabilities = class_probabilities(model.predict(pd.DataFrame({"text": pool})))
-    temperature = temperature_on(model, Path(config.eval_path), labels) if config.eval_path else 1.0
+    tags = mlflow.MlflowClient().get_model_version(config.model_name, version).tags
+    temperature = temperature_on(model, Path(config.eval_path), labels, tags) if config.eval_path else 1.0
     uncertainty = entropy(scaled(probabilities, temperature))
     found = fetch_reference(config.model_name, version, get_settings().state / "label" / config.model_name)
     encoder = SentenceEncoder(found[2] / ENCODER_FILE, found[2] / TOKENIZER_FILE) if found else None
