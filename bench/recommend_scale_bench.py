@@ -121,10 +121,11 @@ def main() -> None:
 
     from finetune_flows.tasks.core.model_source import minilm_path
     from finetune_flows.tasks.export.model_export import export_sentence_encoder
+    from finetune_flows.tasks.ranking.ann_index import SearchOptions, build_neighbours
     from finetune_flows.tasks.ranking.dataset import interaction_folder
     from finetune_flows.tasks.ranking.interactions import read_interactions
     from finetune_flows.tasks.ranking.item_vectors import item_vectors
-    from finetune_flows.tasks.ranking.neighbours import SearchOptions, build_neighbours, exact_search
+    from finetune_flows.tasks.ranking.neighbours import exact_search
     from finetune_flows.tasks.ranking.recommending import SCORE_SCALE
     from finetune_flows.tasks.serving.encoder import SentenceEncoder
 

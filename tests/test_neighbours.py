@@ -1,5 +1,5 @@
 """Top-k search for recommend: exact below a catalogue size, a recall-gated faiss index above, and the
-item-embedding cache keyed by text and model version (tasks.ranking.neighbours, tasks.ranking.item_vectors)."""
+item-embedding cache keyed by text and model version (tasks.ranking.neighbours, ann_index, item_vectors)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ import pandas as pd
 import pytest
 
 from finetune_flows.tasks.export.model_export import export_sentence_encoder
+from finetune_flows.tasks.ranking.ann_index import SearchOptions, SearchReport, build_neighbours
 from finetune_flows.tasks.ranking.item_vectors import embeddings_folder, item_vectors, model_key
-from finetune_flows.tasks.ranking.neighbours import (
-    Neighbours,
-    SearchOptions,
-    SearchReport,
-    build_neighbours,
-    exact_search,
-)
+from finetune_flows.tasks.ranking.neighbours import Neighbours, exact_search
 from finetune_flows.tasks.ranking.recommending import RecommendConfig, recommend_for
 from finetune_flows.tasks.serving.encoder import SentenceEncoder
 

@@ -237,7 +237,7 @@ def test_a_killed_recommend_run_resumes_where_it_stopped(recommender: Path, clus
 
 
 def test_the_gate_drawn_from_the_sampled_queries_alone_is_the_gate_of_them_all() -> None:
-    from finetune_flows.tasks.ranking.neighbours import SearchOptions, build_neighbours, gate_draw
+    from finetune_flows.tasks.ranking.ann_index import SearchOptions, build_neighbours, gate_draw
 
     rng = np.random.default_rng(7)
     vectors, queries = rng.standard_normal((2000, 16)).astype(np.float32), rng.standard_normal((300, 16))

@@ -39,14 +39,9 @@ from finetune_flows.tasks.batch.partitions import Partition, read_partition
 from finetune_flows.tasks.batch.runner import PartResult, part_path, read_output, run_partitions, write_part
 from finetune_flows.tasks.core.secrets import guard
 from finetune_flows.tasks.core.settings import get_settings
+from finetune_flows.tasks.ranking.ann_index import build_neighbours, gate_draw, index_folder, open_neighbours
 from finetune_flows.tasks.ranking.item_vectors import embeddings_folder, item_vectors, model_key
-from finetune_flows.tasks.ranking.neighbours import (
-    Neighbours,
-    build_neighbours,
-    gate_draw,
-    index_folder,
-    open_neighbours,
-)
+from finetune_flows.tasks.ranking.neighbours import Neighbours
 from finetune_flows.tasks.ranking.recommending import (
     Audience,
     RecommendConfig,

@@ -3,7 +3,7 @@
 A user's profile is their most recent positives, as in training. Item vectors come from a cache
 keyed by text and model version (tasks.ranking.item_vectors: only new texts are embedded); the
 search is the exact matrix product for catalogues below ``ann_min_items`` and a recall-gated faiss
-index above (tasks.ranking.neighbours); items the user already rated are excluded. In cold-start
+index above (tasks.ranking.ann_index); items the user already rated are excluded. In cold-start
 mode the candidates are only the given new items (item, text), which nobody rated. With
 ``engine=dask`` the users are scored in partitions on a Dask cluster (tasks.ranking.partitioned).
 """
@@ -28,10 +28,11 @@ from finetune_flows.tasks.batch.runner import ScoreRun, resolve_version
 from finetune_flows.tasks.core.reports import write_csv
 from finetune_flows.tasks.core.settings import get_settings
 from finetune_flows.tasks.core.tables import read_table, records
+from finetune_flows.tasks.ranking.ann_index import SearchOptions, SearchReport, build_neighbours
 from finetune_flows.tasks.ranking.dataset import interaction_folder
 from finetune_flows.tasks.ranking.interactions import read_interactions
 from finetune_flows.tasks.ranking.item_vectors import EmbeddingStats, embeddings_folder, item_vectors
-from finetune_flows.tasks.ranking.neighbours import Neighbours, SearchOptions, SearchReport, build_neighbours
+from finetune_flows.tasks.ranking.neighbours import Neighbours
 from finetune_flows.tasks.ranking.split import profile_text, short_title
 from finetune_flows.tasks.serving.encoder import SentenceEncoder
 from finetune_flows.tasks.serving.pair_scorer import encoder_of
