@@ -158,13 +158,18 @@ def start_script(script: str, job: dict[str, object], **env: str) -> subprocess.
 
 
 @pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect server and database for the tests that run flows."""
+def prefect_harness() -> Iterator[str]:
+    """A temporary Prefect server and database for the tests that run flows; yields its API URL.
+
+    CLI subprocesses given that URL (``services_environment(state, prefect_api=...)``) report their flow runs
+    there, as against a server started by ``up``, instead of each starting (and migrating) a temporary server of
+    its own: about 18 s per command here. Tests of the temporary server itself leave it out."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield str(get_current_settings().api.url)
 
 
 # --- finetune-flows up / down: real services on free 127.0.0.1 ports (tests/test_services.py, test_browser.py)
@@ -179,9 +184,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def services_environment(state: Path) -> dict[str, str]:
-    """This environment without Prefect/MLflow/finetune-flows settings, plus a state folder and free ports."""
+def services_environment(state: Path, prefect_api: str | None = None) -> dict[str, str]:
+    """This environment without Prefect/MLflow/finetune-flows settings, plus a state folder and free ports; with
+    ``prefect_api``, the Prefect server flow runs report to (else a command starts a temporary one)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "FINETUNE_FLOWS_"))}
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     env.update(
         FINETUNE_FLOWS_STATE_DIR=str(state),
         FINETUNE_FLOWS_PREFECT_PORT=str(free_port()),

@@ -215,6 +215,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str, str]
     return out, err
 
 
+@pytest.mark.slow  # default suite: test_resume kills and resumes a full fine-tune
 def test_a_killed_lora_run_resumes_to_the_weights_of_an_uninterrupted_one(
     sentiment_tokens: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

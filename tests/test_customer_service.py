@@ -188,11 +188,14 @@ def test_a_baseline_that_cannot_be_fitted_leaves_the_report_as_it_was(tmp_path: 
 # -- one run from the command line ----------------------------------------------------------------
 
 
-def test_run_registers_a_version_with_the_baseline_and_the_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_run_registers_a_version_with_the_baseline_and_the_answers(
+    tiny_model_dir: Path, tmp_path: Path, prefect_harness: str
+) -> None:
     state = tmp_path / "state"
     train = banking_csv(tmp_path / "banking.csv", 96)  # 384 rows: 3 intents' train + eval give the parity gate 256
     result = run_cli(
-        services_environment(state), "run", SCENARIO, "--data", str(train), "--set", "data.held_out_labels=1",
+        services_environment(state, prefect_harness), "run", SCENARIO, "--data", str(train),
+        "--set", "data.held_out_labels=1",
         "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
         "--set", "training.learning_rate=5e-3", "--set", "training.max_steps=4", "--set", "training.eval_every_steps=2",
         timeout=600,

@@ -108,6 +108,7 @@ def trained(run_id: str) -> tuple[TrainResult, Path]:
     return TrainResult.model_validate_json((run_dir / RESULT_FILE).read_text()), run_dir
 
 
+@pytest.mark.slow  # default suite: the recommender's hand-off below goes through the same pool
 def test_training_on_the_gpu_pool_gives_the_same_model(state_dir, tiny_model_dir, files, gpu_worker) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName

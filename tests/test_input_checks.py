@@ -169,11 +169,12 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CLI_CASES))
-def test_the_cli_names_the_bad_input_and_registers_nothing(tmp_path: Path, name: str) -> None:
+def test_the_cli_names_the_bad_input_and_registers_nothing(tmp_path: Path, name: str, prefect_harness: str) -> None:
     content, message = CLI_CASES[name]
     state, train = tmp_path / "state", tmp_path / name
     train.write_bytes(content)
-    result = run_cli(services_environment(state), "run", "sentiment", "--data", str(train), timeout=300)
+    env = services_environment(state, prefect_harness)
+    result = run_cli(env, "run", "sentiment", "--data", str(train), timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"finetune-flows: error: {message.format(path=train)}" in result.stderr, result.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")

@@ -60,11 +60,11 @@ def trained_nothing(state: Path) -> None:
 # -- 1. size caps, through the CLI -----------------------------------------------------------------------
 
 
-def test_a_file_over_max_file_mb_fails_before_it_is_read(tmp_path: Path) -> None:
+def test_a_file_over_max_file_mb_fails_before_it_is_read(tmp_path: Path, prefect_harness: str) -> None:
     state, train = tmp_path / "state", write_tsv(tmp_path / "big.tsv", ROWS * 3)
     size = train.stat().st_size
     assert size > 1048  # over the 0.001 MB cap below
-    result = run_cli(services_environment(state), "run", "sentiment", "--data", str(train),
+    result = run_cli(services_environment(state, prefect_harness), "run", "sentiment", "--data", str(train),
                      "--set", "data.max_file_mb=0.001")  # fmt: skip
     assert (
         f"finetune-flows: error: file of {size:,} bytes is larger than data.max_file_mb (0.001 MB, 1,048 bytes) "
@@ -73,19 +73,19 @@ def test_a_file_over_max_file_mb_fails_before_it_is_read(tmp_path: Path) -> None
     trained_nothing(state)
 
 
-def test_a_file_over_max_rows_fails_naming_it_and_the_count(tmp_path: Path) -> None:
+def test_a_file_over_max_rows_fails_naming_it_and_the_count(tmp_path: Path, prefect_harness: str) -> None:
     state, train = tmp_path / "state", write_tsv(tmp_path / "rows.tsv", ROWS)
-    result = run_cli(services_environment(state), "run", "sentiment", "--data", str(train),
+    result = run_cli(services_environment(state, prefect_harness), "run", "sentiment", "--data", str(train),
                      "--set", "data.max_rows=20")  # fmt: skip
     assert f"finetune-flows: error: 24 data rows, more than data.max_rows (20) (file {train})" in failed(result)
     trained_nothing(state)
 
 
-def test_a_text_over_max_text_bytes_names_file_row_column_value_and_size(tmp_path: Path) -> None:
+def test_a_text_over_max_text_bytes_names_file_row_column_value_and_size(tmp_path: Path, prefect_harness: str) -> None:
     state = tmp_path / "state"
     huge = "a very long review " + "é" * 3000  # 6,019 UTF-8 bytes in 3,019 characters
     train = write_tsv(tmp_path / "long.tsv", [*ROWS[:2], (huge, "1"), *ROWS[2:]])
-    result = run_cli(services_environment(state), "run", "sentiment", "--data", str(train),
+    result = run_cli(services_environment(state, prefect_harness), "run", "sentiment", "--data", str(train),
                      "--set", "data.max_text_bytes=5000")  # fmt: skip
     assert (
         "finetune-flows: error: text of 6,019 UTF-8 bytes, more than data.max_text_bytes (5,000); the value shown is "
@@ -145,12 +145,12 @@ def test_class_imbalance_is_named_only_above_the_ratio() -> None:
 
 
 def test_an_imbalanced_file_trains_with_a_warning_and_a_run_and_version_tag(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, prefect_harness: str
 ) -> None:
     state = tmp_path / "state"
     rows = [(f"{POSITIVE[i % 12]} take {i}", "1") for i in range(300)] + [(t, "0") for t in NEGATIVE[:3]]
     train = write_tsv(tmp_path / "skewed.tsv", rows)
-    result = run_cli(services_environment(state), "run", "sentiment", "--data", str(train),
+    result = run_cli(services_environment(state, prefect_harness), "run", "sentiment", "--data", str(train),
                      "--set", f"model.source={tiny_model_dir}", *TINY, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     expected = "270:2 (135x) positive/negative"  # 10% held out per class, at least one: 30 + 1 rows
@@ -174,11 +174,11 @@ def test_balanced_data_has_no_imbalance_tag(tmp_path: Path) -> None:
 # -- 3. the parity gate's minimum, checked at ingest ---------------------------------------------------------
 
 
-def test_a_60_row_file_fails_at_ingest_not_after_training(tmp_path: Path) -> None:
+def test_a_60_row_file_fails_at_ingest_not_after_training(tmp_path: Path, prefect_harness: str) -> None:
     state = tmp_path / "state"
     rows = [(f"{t} take {i}", label) for i in range(3) for t, label in ROWS][:60]
     train = write_tsv(tmp_path / "small.tsv", rows)
-    result = run_cli(services_environment(state), "run", "sentiment", "--data", str(train))
+    result = run_cli(services_environment(state, prefect_harness), "run", "sentiment", "--data", str(train))
     assert (
         "finetune-flows: error: too few rows for the ONNX parity gate after training: 6 eval rows (the split held "
         "out of small.tsv) + 54 train rows = 60 texts, and the gate needs at least 256; the run would train and then "

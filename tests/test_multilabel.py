@@ -266,11 +266,12 @@ def test_thresholds_of_another_label_set_are_refused(tmp_path: Path) -> None:
 
 
 def test_run_on_the_bundled_sample_registers_a_version_that_ships_its_thresholds(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, prefect_harness: str
 ) -> None:
     state = tmp_path / "state"
     result = run_cli(
-        services_environment(state), "run", SCENARIO,  # no --data: the bundled NLU++ sample (folds 0-2, test 3)
+        # no --data: the bundled NLU++ sample (folds 0-2, test 3)
+        services_environment(state, prefect_harness), "run", SCENARIO,
         "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
         "--set", "training.learning_rate=5e-3", "--set", "training.max_steps=4", "--set", "training.eval_every_steps=2",
         timeout=600,

@@ -57,12 +57,12 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
+def cli_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, prefect_harness: str) -> dict[str, Any]:
     """Three `finetune-flows run`s in one state folder: finance with a label map, an eval file and a select split;
     sentiment without a select split keeping no checkpoints; finance failing on a raw label the map lacks."""
     work = tmp_path_factory.mktemp("own-data")
     state = work / "state"
-    env = services_environment(state)
+    env = services_environment(state, prefect_harness)
     train, valid = news_files(work / "news")
     model = ["--set", f"model.source={tiny_model_dir}", *TINY]
     finance = run_cli(

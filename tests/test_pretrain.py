@@ -272,6 +272,7 @@ def test_the_deployments_run_pretrain_and_its_training_stage_on_the_gpu_pool() -
     assert stage["work_pool"]["name"] == "gpu" and "parameters" not in stage
 
 
+@pytest.mark.slow  # default suite: test_distributed trains on two processes
 def test_two_cpu_processes_train_one_masked_lm(
     state_dir: Path, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

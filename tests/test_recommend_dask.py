@@ -42,9 +42,7 @@ LISTS = ["user", "rank", "item", "score", "text"]
 
 
 @pytest.fixture(scope="module")
-def recommender(
-    prefect_harness: None, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
+def recommender(prefect_harness: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A state folder whose MLflow store holds ``recommendation`` v1 (champion): the tiny encoder, untrained."""
     from finetune_flows.tasks.export.model_export import export_sentence_encoder
     from finetune_flows.tasks.serving.classifier import ONNX_ARTIFACT, TOKENIZER_ARTIFACT

@@ -118,6 +118,7 @@ def test_a_log_without_good_rows_fails_and_registers_nothing(
     assert mlflow.MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.slow  # default suite: test_publishing covers idempotency keys
 def test_one_idempotency_key_twice_gives_one_recommender_version(
     state_dir: Path, tiny_model_dir: Path, log_folder: Path
 ) -> None:
@@ -130,6 +131,7 @@ def test_one_idempotency_key_twice_gives_one_recommender_version(
     assert [str(v.version) for v in versions] == ["1"]
 
 
+@pytest.mark.slow  # default suite: test_flow's alias rollback
 def test_a_recommender_registration_failing_after_register_leaves_the_champion(
     state_dir: Path, tiny_model_dir: Path, log_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,6 +154,7 @@ def test_a_recommender_registration_failing_after_register_leaves_the_champion(
     assert [str(v.version) for v in client.search_model_versions("name='recommendation'")] == ["1"]
 
 
+@pytest.mark.slow  # default suite: test_distributed trains on two processes
 def test_the_recommender_trains_with_torchrun_on_two_processes(
     state_dir: Path, tiny_model_dir: Path, log_folder: Path
 ) -> None:

@@ -64,6 +64,7 @@ def champion() -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias("sentiment", "champion").version)
 
 
+@pytest.mark.slow  # 93 s; the default suite keeps retrain's failed-stage and concurrent-promotion tests
 def test_retrain_promotes_only_a_better_challenger_once_per_slot(state_dir, tiny_model_dir, folder) -> None:
     # A weak champion (one step from the tiny model) to warm-start from.
     weak = FinetuneConfig.for_scenario(

@@ -45,11 +45,11 @@ EXTRAS = ("intents-multilabel", "slots")
 
 
 @pytest.fixture(scope="module")
-def registered(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def registered(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, prefect_harness: str) -> dict[str, str]:
     """The environment of a state folder holding version 1 (tiny model, the champion) of customer-service and of the
     optional intents-multilabel and slots models (trained on their bundled NLU++ sample)."""
     folder = tmp_path_factory.mktemp("route")
-    env = services_environment(folder / "state")
+    env = services_environment(folder / "state", prefect_harness)
     train = banking_csv(folder / "banking.csv", 72)  # 288 rows, as in test_customer_service
     runs = {MODEL: ["--data", str(train), "--set", "training.max_steps=30", "--set", "training.eval_every_steps=10"]}
     runs |= {name: ["--set", "training.max_steps=4", "--set", "training.eval_every_steps=2"] for name in EXTRAS}

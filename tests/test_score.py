@@ -56,7 +56,7 @@ def log_pyfunc(name: str, python_model: PythonModel) -> None:
 
 @pytest.fixture(scope="module")
 def registry(
-    prefect_harness: None, tiny_classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    prefect_harness: str, tiny_classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     """A state folder whose MLflow store holds tiny-sentiment (ONNX), flaky and finance-monitoring (keywords)."""
     from finetune_flows.tasks.core.model_source import tokenizer_hash

@@ -156,7 +156,7 @@ def test_a_pair_graph_without_a_usable_score_scale_is_refused(tmp_path: Path, mi
 # -- slow: three registered versions in a venv without finetune-flows ------------------------------------
 @pytest.fixture(scope="module")
 def model_dirs(
-    prefect_harness: None, tiny_classifier_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    prefect_harness: str, tiny_classifier_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Path]]:
     """Each of the three kinds published to a temporary MLflow store, then downloaded: name -> folder."""
     import mlflow

@@ -286,10 +286,12 @@ def test_the_served_tagger_reports_character_offsets_into_the_original_text(
 # -- one run from the command line ----------------------------------------------------------------
 
 
-def test_run_registers_a_slot_tagger_that_serves_spans(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_run_registers_a_slot_tagger_that_serves_spans(
+    tiny_model_dir: Path, tmp_path: Path, prefect_harness: str
+) -> None:
     state = tmp_path / "state"
     result = run_cli(
-        services_environment(state), "run", SCENARIO,
+        services_environment(state, prefect_harness), "run", SCENARIO,
         "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
         "--set", "training.learning_rate=5e-3", "--set", "training.max_steps=4", "--set", "training.eval_every_steps=2",
         timeout=600,

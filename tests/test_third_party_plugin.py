@@ -38,9 +38,9 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
-def plugin_environment(state: Path, site: Path | None) -> dict[str, str]:
+def plugin_environment(state: Path, site: Path | None, prefect_api: str | None = None) -> dict[str, str]:
     """The CLI's environment: a fresh state folder, and the installed plugin on the path when ``site`` is given."""
-    env = services_environment(state)
+    env = services_environment(state, prefect_api)
     env.pop("PYTHONPATH", None)
     if site is not None:
         env["PYTHONPATH"] = str(site)
@@ -59,9 +59,11 @@ def test_cli_lists_the_plugin_only_when_installed(plugin_site: Path, tmp_path: P
     assert HEAD not in without.stdout and SCENARIO not in without.stdout
 
 
-def test_run_registers_a_version_with_the_stage_tag(plugin_site: Path, tiny_model_dir: Path, state_dir: Path) -> None:
+def test_run_registers_a_version_with_the_stage_tag(
+    plugin_site: Path, tiny_model_dir: Path, state_dir: Path, prefect_harness: str
+) -> None:
     result = run_cli(
-        plugin_environment(state_dir, plugin_site),
+        plugin_environment(state_dir, plugin_site, prefect_harness),
         "run", SCENARIO,
         "--set", f"model.source={tiny_model_dir}", "--set", "model.max_length=32",
         "--set", "training.max_steps=6", "--set", "training.eval_every_steps=3",
