@@ -205,9 +205,13 @@ def test_an_eval_file_too_small_for_the_gate_is_named(tmp_path: Path) -> None:
 # -- 4. the MLflow store and the output folders, before the run opens ---------------------------------------
 
 
-def test_an_unreachable_mlflow_server_fails_fast_naming_it_redacted_and_creates_nothing(tmp_path: Path) -> None:
+def test_an_unreachable_mlflow_server_fails_fast_naming_it_redacted_and_creates_nothing(
+    tmp_path: Path, prefect_harness: str
+) -> None:
     state, port = tmp_path / "state", free_port()
-    env = services_environment(state) | {"FINETUNE_FLOWS_MLFLOW_TRACKING_URI": f"http://alice:CANARY@127.0.0.1:{port}/"}
+    env = services_environment(state, prefect_harness) | {
+        "FINETUNE_FLOWS_MLFLOW_TRACKING_URI": f"http://alice:CANARY@127.0.0.1:{port}/"
+    }
     result = run_cli(env, "run", "sentiment", "--data", str(write_tsv(tmp_path / "t.tsv", ROWS)))
     assert (
         f"finetune-flows: error: the MLflow tracking server http://***@127.0.0.1:{port}/ is not reachable "
@@ -218,12 +222,16 @@ def test_an_unreachable_mlflow_server_fails_fast_naming_it_redacted_and_creates_
     assert not [p.name for p in state.iterdir() if p.name in ("runs", "cache", "mlartifacts", "mlflow.db")]
 
 
-def test_a_state_folder_that_cannot_be_written_fails_before_the_run_opens(tmp_path: Path) -> None:
+def test_a_state_folder_that_cannot_be_written_fails_before_the_run_opens(tmp_path: Path, prefect_harness: str) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / "runs").write_text("a file where the run folders go\n", encoding="utf-8")
     result = run_cli(
-        services_environment(state), "run", "sentiment", "--data", str(write_tsv(tmp_path / "t.tsv", ROWS))
+        services_environment(state, prefect_harness),
+        "run",
+        "sentiment",
+        "--data",
+        str(write_tsv(tmp_path / "t.tsv", ROWS)),
     )
     assert re.search(
         rf"finetune-flows: error: cannot write run folders to {re.escape(str(state / 'runs'))} \(FileExistsError: "

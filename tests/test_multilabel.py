@@ -265,6 +265,7 @@ def test_thresholds_of_another_label_set_are_refused(tmp_path: Path) -> None:
 # -- one run from the command line ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # a full CLI run; the default suite trains, saves and parity-checks the head in process
 def test_run_on_the_bundled_sample_registers_a_version_that_ships_its_thresholds(
     tiny_model_dir: Path, tmp_path: Path, prefect_harness: str
 ) -> None:

@@ -286,6 +286,7 @@ def test_the_served_tagger_reports_character_offsets_into_the_original_text(
 # -- one run from the command line ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # a full CLI run; the default suite keeps the served tagger's offsets test
 def test_run_registers_a_slot_tagger_that_serves_spans(
     tiny_model_dir: Path, tmp_path: Path, prefect_harness: str
 ) -> None:

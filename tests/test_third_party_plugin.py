@@ -59,6 +59,7 @@ def test_cli_lists_the_plugin_only_when_installed(plugin_site: Path, tmp_path: P
     assert HEAD not in without.stdout and SCENARIO not in without.stdout
 
 
+@pytest.mark.slow  # a full CLI run; the default suite keeps the plugin's discovery and registry checks
 def test_run_registers_a_version_with_the_stage_tag(
     plugin_site: Path, tiny_model_dir: Path, state_dir: Path, prefect_harness: str
 ) -> None:

@@ -123,6 +123,7 @@ def test_cli_reports_a_bad_space_before_anything_runs(capsys: pytest.CaptureFixt
 
 
 @pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.slow  # 45 s; the default suite keeps the pruned-trial run through the same flow
 def test_tune_registers_the_best_trial_and_resumes_by_study_name(state_dir, tiny_model_dir, files) -> None:
     first = tune(tune_config(tiny_model_dir, files, study_name="s1", n_trials=2, pruning="off"))
     assert (first.trials_run, first.complete, first.pruned) == (2, 2, 0)
