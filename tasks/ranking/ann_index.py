@@ -27,10 +27,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_flows.plugins.errors import ConfigError
-from finetune_flows.tasks.ranking.neighbours import RECALL_AT, Neighbours, exact_search
+from finetune_flows.tasks.ranking.neighbours import Neighbours, exact_search
 
 logger = logging.getLogger(__name__)
 
+RECALL_AT = 10
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 REPORT_FILE = "report.json"

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-RECALL_AT = 10
 GATE_FETCH = 16  # what a top-10 query fetches (the next power of two), as the gate measures it
 DEEPEST_FETCH = 2048  # a query needing more neighbours than this (k + its exclusions) is answered exactly
 Excluded = Sequence[Sequence[int] | np.ndarray]  # item rows each query must not return
